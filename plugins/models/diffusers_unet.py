@@ -1,0 +1,165 @@
+"""Pixel-space diffusers UNet2DModel (DDPM/DDIM) adapter.
+
+``path`` is a local folder with ``unet/`` and ``scheduler/`` (diffusers layout), a hub id such as
+``google/ddpm-cifar10-32`` (needs network the first time), or ``builtin:tiny-mnist`` for the model
+that ships inside ptqbench.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ptqbench import Block, ModelAdapter, hookimpl
+from ptqbench.errors import PtqbenchError
+
+ASSETS = Path(__file__).resolve().parents[2] / "ptqbench" / "assets"
+
+
+def builtin_model_dir(name: str) -> Path:
+    import ptqbench
+
+    return Path(ptqbench.__file__).resolve().parent / "assets" / name
+
+
+def resolve_model_path(path: str, base_dir: Path = Path(".")) -> str:
+    """builtin:NAME -> the packaged folder; relative folders resolve against the suite's folder;
+    anything else that is not an existing folder is treated as a hub id."""
+    if path.startswith("builtin:"):
+        folder = builtin_model_dir(path.split(":", 1)[1])
+        if not folder.is_dir():
+            raise PtqbenchError(f"no built-in model {path!r} (looked in {folder})")
+        return str(folder)
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = (base_dir / p)
+    if p.exists():
+        return str(p.resolve())
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise PtqbenchError(f"model folder not found: {p}")
+    return path  # hub id
+
+
+class DiffusersUNet(ModelAdapter):
+    name = "diffusers-unet"
+    description = "Pixel-space diffusers UNet2DModel + its scheduler (local folder or hub id)"
+
+    def __init__(self, path: str, base_dir: str = ".", subfolder_unet: str = "unet",
+                 subfolder_scheduler: str = "scheduler", revision: Optional[str] = None):
+        super().__init__(path=path)
+        self.path = resolve_model_path(path, Path(base_dir))
+        self.subfolder_unet, self.subfolder_scheduler = subfolder_unet, subfolder_scheduler
+        self.revision = revision
+        self._state: Optional[dict] = None
+        self._config: Optional[dict] = None
+        from diffusers import DDPMScheduler
+
+        try:
+            sched = DDPMScheduler.from_pretrained(self.path, subfolder=subfolder_scheduler,
+                                                  revision=revision)
+        except Exception as exc:
+            raise PtqbenchError(f"cannot load scheduler of {path!r}: {exc}") from exc
+        self.scheduler_config = dict(sched.config)
+
+    # ---- loading ------------------------------------------------------------------------
+    def _load_cpu(self) -> nn.Module:
+        from diffusers import UNet2DModel
+
+        try:
+            return UNet2DModel.from_pretrained(self.path, subfolder=self.subfolder_unet,
+                                               revision=self.revision)
+        except Exception as exc:
+            raise PtqbenchError(f"cannot load UNet2DModel from {self.path!r}: {exc}") from exc
+
+    def load(self, device: torch.device) -> nn.Module:
+        # Load from disk once; later calls copy the cached weights (cells reuse the model).
+        from diffusers import UNet2DModel
+
+        if self._state is None:
+            model = self._load_cpu()
+            self._config = dict(model.config)
+            self._state = {k: v.clone() for k, v in model.state_dict().items()}
+        model = UNet2DModel.from_config(self._config)
+        model.load_state_dict(self._state)
+        return model.to(device).eval().requires_grad_(False)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        if self._config is None:
+            self.load(torch.device("cpu"))
+        size = self._config["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self._config["in_channels"], h, w)
+
+    # ---- calls --------------------------------------------------------------------------
+    def denoise(self, model, x, t, cond=None):
+        return model(x, t).sample
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def feature_site(self, model: nn.Module) -> nn.Module:
+        return model.mid_block
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """ResNet and attention blocks in forward order; loose layers (conv_in, samplers, time
+        embedding, conv_out) as single-layer units."""
+        out: list[Block] = []
+
+        def add(name, module, kind):
+            if module is not None:
+                out.append(Block(name, module, kind))
+
+        add("time_embedding", getattr(model, "time_embedding", None), "layer")
+        add("conv_in", model.conv_in, "layer")
+        for i, down in enumerate(model.down_blocks):
+            attns = getattr(down, "attentions", None) or []
+            for j, res in enumerate(down.resnets):
+                add(f"down_blocks.{i}.resnets.{j}", res, "resnet")
+                if j < len(attns):
+                    add(f"down_blocks.{i}.attentions.{j}", attns[j], "attention")
+            for j, ds in enumerate(getattr(down, "downsamplers", None) or []):
+                add(f"down_blocks.{i}.downsamplers.{j}", ds, "layer")
+        mid = model.mid_block
+        if mid is not None:
+            attns = getattr(mid, "attentions", None) or []
+            add("mid_block.resnets.0", mid.resnets[0], "resnet")
+            for j, res in enumerate(mid.resnets[1:]):
+                if j < len(attns) and attns[j] is not None:
+                    add(f"mid_block.attentions.{j}", attns[j], "attention")
+                add(f"mid_block.resnets.{j + 1}", res, "resnet")
+        for i, up in enumerate(model.up_blocks):
+            attns = getattr(up, "attentions", None) or []
+            for j, res in enumerate(up.resnets):
+                add(f"up_blocks.{i}.resnets.{j}", res, "resnet")
+                if j < len(attns):
+                    add(f"up_blocks.{i}.attentions.{j}", attns[j], "attention")
+            for j, us in enumerate(getattr(up, "upsamplers", None) or []):
+                add(f"up_blocks.{i}.upsamplers.{j}", us, "layer")
+        add("conv_out", model.conv_out, "layer")
+        return out
+
+    def identity(self) -> dict:
+        info = {"plugin": self.name, "path": self.path}
+        folder = Path(self.path) / self.subfolder_unet
+        if folder.is_dir():
+            # Content hash of the weights so that a retrained model never reuses stale caches.
+            h = hashlib.sha256()
+            for f in sorted(folder.iterdir()):
+                if f.suffix in (".safetensors", ".bin", ".json"):
+                    h.update(f.name.encode())
+                    h.update(f.read_bytes())
+            info["weights_sha256"] = h.hexdigest()
+        else:
+            info["revision"] = self.revision
+        info["scheduler"] = json.loads(json.dumps(self.scheduler_config, default=str))
+        return info
+
+
+@hookimpl
+def register_models(register):
+    register(DiffusersUNet)

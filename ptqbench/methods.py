@@ -1,0 +1,109 @@
+"""Methods are compositions: a named preset of plugins plus a quantization recipe.
+
+A suite names a preset directly (``methods = ["rtn", "gac"]``) or declares its own method with
+``[methods.NAME] preset = "..."`` and overrides any part. Adding a method means adding a preset
+here or a plugin, never an ``if`` in the pipeline.
+
+Sources of the defaults:
+- Q-Diffusion (Li et al. 2023, github.com/Xiuyu-Li/q-diffusion): 20 uniformly spaced sampler steps
+  x 256 samples = 5120 calibration inputs, BRECQ + AdaRound, shortcut split, quantized attention.
+- PTQ4DM (Shang et al. 2023): timesteps ~ N(0.4T, 0.4T), then the same reconstruction.
+- EDA-DM (Liu et al. 2024): TDAC selection + fine-grained block reconstruction (FBR).
+- GAC (ICLR 2026): uniform-steps calibration + a validation split + learned gradient-aligned
+  per-sample weights during BRECQ reconstruction.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+FP = "fp"
+
+#: Every preset sets all parts; ``None`` reconstructor means "no quantization at all" (fp).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fp": {
+        "description": "full-precision reference (no quantization)",
+        "selector": None, "weighting": None, "reconstructor": None, "recipe": {},
+    },
+    "rtn": {
+        "description": "round-to-nearest: MSE-searched ranges, no reconstruction",
+        "selector": "uniform-steps", "selector_options": {"steps": 20, "per_step": 32},
+        "weighting": "uniform", "reconstructor": "none",
+        "recipe": {"weight_init": "mse", "act_init": "mse"},
+    },
+    "brecq": {
+        "description": "BRECQ: block-wise AdaRound + LSQ activations on uniform-steps calibration",
+        "selector": "uniform-steps", "selector_options": {"steps": 20, "per_step": 256},
+        "weighting": "uniform", "reconstructor": "brecq", "recipe": {},
+    },
+    "qdiffusion": {
+        "description": "Q-Diffusion: uniform steps 20x256, BRECQ/AdaRound, shortcut split, "
+                       "quantized attention matmuls",
+        "selector": "uniform-steps", "selector_options": {"steps": 20, "per_step": 256},
+        "weighting": "uniform", "reconstructor": "brecq",
+        "recipe": {"split_shortcut": True, "quantize_attention": True},
+    },
+    "ptq4dm": {
+        "description": "PTQ4DM: timesteps ~ N(0.4T, 0.4T) + BRECQ reconstruction",
+        "selector": "normal-steps", "selector_options": {"num_samples": 5120},
+        "weighting": "uniform", "reconstructor": "brecq", "recipe": {},
+    },
+    "eda-dm": {
+        "description": "EDA-DM: TDAC calibration selection + fine-grained block reconstruction",
+        "selector": "tdac", "selector_options": {"num_samples": 5120},
+        "weighting": "uniform", "reconstructor": "fbr", "recipe": {},
+    },
+    "gac": {
+        "description": "Gradient-aligned calibration: learned per-sample weights (bilevel, "
+                       "gradient matching across timestep groups) during BRECQ",
+        "selector": "uniform-steps",
+        "selector_options": {"steps": 20, "per_step": 256, "validation_fraction": 0.05},
+        "weighting": "gradient-aligned", "reconstructor": "brecq", "recipe": {},
+    },
+}
+
+
+@dataclass
+class ResolvedMethod:
+    name: str
+    preset: str
+    selector: Optional[str]
+    weighting: Optional[str]
+    reconstructor: Optional[str]
+    selector_options: dict = field(default_factory=dict)
+    weighting_options: dict = field(default_factory=dict)
+    reconstructor_options: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    calibration_trajectories: Optional[int] = None
+    calibration_batch_size: Optional[int] = None
+
+    @property
+    def is_fp(self) -> bool:
+        return self.reconstructor is None
+
+    def as_dict(self) -> dict:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
+
+
+def resolve(name: str, entry=None) -> ResolvedMethod:
+    """Preset ``entry.preset`` (or ``name``) with the suite entry's overrides applied."""
+    preset_name = (entry.preset if entry is not None and entry.preset else name)
+    base = copy.deepcopy(PRESETS[preset_name])
+    m = ResolvedMethod(
+        name=name, preset=preset_name, selector=base["selector"], weighting=base["weighting"],
+        reconstructor=base["reconstructor"],
+        selector_options=base.get("selector_options", {}),
+        weighting_options=base.get("weighting_options", {}),
+        reconstructor_options=base.get("reconstructor_options", {}),
+        recipe=base.get("recipe", {}))
+    if entry is None:
+        return m
+    for part in ("selector", "weighting", "reconstructor"):
+        if getattr(entry, part) is not None:
+            setattr(m, part, getattr(entry, part))
+        getattr(m, f"{part}_options").update(copy.deepcopy(getattr(entry, f"{part}_options")))
+    m.recipe.update(copy.deepcopy(entry.recipe))
+    m.calibration_trajectories = entry.calibration_trajectories
+    m.calibration_batch_size = entry.calibration_batch_size
+    return m

@@ -1,0 +1,46 @@
+"""Progress bars for long stages (sampling, calibration, reconstruction), on rich."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class Reporter:
+    """What stages receive: ``task(description, total)`` yields an ``advance(n=1)`` callable."""
+
+    def __init__(self, console: Optional[Console] = None, enabled: bool = True):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self._progress: Optional[Progress] = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("[progress.description]{task.description}"),
+                BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console, transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: Optional[int] = None) -> Iterator:
+        if self._progress is None:
+            yield lambda n=1: None
+            return
+        tid = self._progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: self._progress.advance(tid, n)
+        finally:
+            self._progress.remove_task(tid)
+
+    def log(self, msg: str) -> None:
+        (self._progress.console if self._progress else self.console).print(msg, highlight=False)

@@ -1,0 +1,174 @@
+"""Leaderboards from a results folder: records -> pandas -> terminal / markdown / CSV."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pandas as pd
+
+from .errors import PtqbenchError
+from .store import Store
+
+KEYS = ["model", "sampler", "bits", "method"]
+#: preferred sort metric, first present wins; direction comes from the records
+SORT_PREFERENCE = ["fid", "fid_to_fp", "sfid", "paired_mse"]
+METRIC_ORDER = ["fid", "fid_to_fp", "sfid", "kid", "is", "precision", "recall", "paired_mse",
+                "paired_psnr"]
+
+
+def load_records(folder: str | Path) -> list[dict]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise PtqbenchError(f"results folder not found: {folder}")
+    root = folder.parent if folder.name == "records" else folder
+    records = list(Store(root).records())
+    if not records:
+        raise PtqbenchError(f"no records under {root / 'records'}: run a suite first")
+    return records
+
+
+def records_frame(records: Iterable[dict]) -> pd.DataFrame:
+    """One row per record: the cell, status, costs and every metric's value and CI."""
+    rows = []
+    for r in records:
+        row = dict(r["cell"])
+        row["status"] = r.get("status")
+        row["error"] = (r.get("error") or {}).get("message")
+        row["seconds"] = (r.get("costs") or {}).get("total_seconds")
+        calib = (r.get("costs") or {}).get("seconds", {})
+        row["calibration_seconds"] = sum(v for k, v in calib.items()
+                                         if k in ("trajectories", "select", "quantize", "reconstruct"))
+        row["num_samples"] = r.get("num_samples")
+        for name, v in (r.get("metrics") or {}).items():
+            row[name] = v.get("value")
+            ci = v.get("ci")
+            row[f"{name}__lo"], row[f"{name}__hi"] = (ci if ci else (None, None))
+            row[f"{name}__hib"] = v.get("higher_is_better")
+            if v.get("value") is None and v.get("unavailable"):
+                row[f"{name}__why"] = v["unavailable"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metric_names(df: pd.DataFrame) -> list[str]:
+    names = [c for c in df.columns if f"{c}__lo" in df.columns]
+    return sorted(names, key=lambda n: (METRIC_ORDER.index(n) if n in METRIC_ORDER else 99, n))
+
+
+def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
+                sort: Optional[str] = None) -> pd.DataFrame:
+    """One row per (model, sampler, bits, method) over finished cells; seeds are averaged (the
+    CI shown is then the mean of the per-seed CIs). Each group of (model, sampler, bits) is
+    sorted by the sort metric, and ``same_as_best`` marks rows whose CI overlaps the best row's
+    (their difference is not significant). FP rows are the reference of every bit-width."""
+    ok = df[df["status"] == "ok"].copy() if "status" in df else df.copy()
+    for col, allowed in (("model", models), ("bits", bits), ("method", methods)):
+        if allowed:
+            ok = ok[ok[col].isin(list(allowed)) | ((col == "bits") & (ok["method"] == "fp"))]
+    if ok.empty:
+        return ok
+    metrics = metric_names(ok)
+    agg = {m: "mean" for m in metrics}
+    for m in metrics:
+        agg[f"{m}__lo"] = "mean"
+        agg[f"{m}__hi"] = "mean"
+        agg[f"{m}__hib"] = "first"
+    agg.update({"seconds": "mean", "calibration_seconds": "mean", "seed": "count",
+                "num_samples": "first"})
+    board = ok.groupby(KEYS, dropna=False).agg(agg).reset_index().rename(columns={"seed": "seeds"})
+    sort = sort or next((m for m in SORT_PREFERENCE if m in metrics), None)
+    board["same_as_best"] = False
+    if sort is None:
+        return board.sort_values(KEYS)
+    if sort not in metrics:
+        raise PtqbenchError(f"cannot sort by {sort!r}; metrics here: {', '.join(metrics)}")
+    higher = bool(board[f"{sort}__hib"].dropna().iloc[0]) if board[f"{sort}__hib"].notna().any() else False
+    parts = []
+    fp_rows = board[board["method"] == "fp"]
+    for (model, sampler, b), group in board[board["method"] != "fp"].groupby(
+            ["model", "sampler", "bits"], dropna=False):
+        group = group.sort_values(sort, ascending=not higher, na_position="last")
+        best = group.iloc[0]
+        group["same_as_best"] = [
+            i != group.index[0] and _overlap(row, best, sort) for i, row in group.iterrows()]
+        ref = fp_rows[(fp_rows["model"] == model) & (fp_rows["sampler"] == sampler)].copy()
+        ref["bits"] = "FP"
+        parts.append(pd.concat([ref, group]))
+    if not parts:
+        return fp_rows
+    return pd.concat(parts).drop_duplicates(subset=KEYS).reset_index(drop=True)
+
+
+def _overlap(row, best, metric: str) -> bool:
+    lo, hi = row.get(f"{metric}__lo"), row.get(f"{metric}__hi")
+    blo, bhi = best.get(f"{metric}__lo"), best.get(f"{metric}__hi")
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi, blo, bhi)):
+        return False
+    return lo <= bhi and blo <= hi
+
+
+def _fmt(row, metric: str) -> str:
+    v = row.get(metric)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        why = row.get(f"{metric}__why")
+        return "n/a" if not isinstance(why, str) else "n/a"
+    lo, hi = row.get(f"{metric}__lo"), row.get(f"{metric}__hi")
+    digits = 4 if abs(v) < 1 else 2
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+
+
+def display_table(board: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows shared by every output format."""
+    metrics = metric_names(board)
+    header = KEYS + metrics + ["seeds", "n", "time (s)", "≈best"]
+    rows = []
+    for _, r in board.iterrows():
+        rows.append([str(r[k]) for k in KEYS] + [_fmt(r, m) for m in metrics] + [
+            str(int(r["seeds"])), str(int(r["num_samples"])) if pd.notna(r["num_samples"]) else "",
+            f"{r['seconds']:.1f}" if pd.notna(r["seconds"]) else "",
+            "≈" if r.get("same_as_best") else ""])
+    return header, rows
+
+
+def to_markdown(board: pd.DataFrame) -> str:
+    header, rows = display_table(board)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = ("\n± is the half-width of the 95% confidence interval; ≈ marks rows whose interval "
+            "overlaps the best row's of the same model, sampler and bit-width (difference not "
+            "significant).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def to_csv(board: pd.DataFrame) -> str:
+    metrics = metric_names(board)
+    cols = KEYS + [c for m in metrics for c in (m, f"{m}__lo", f"{m}__hi")] + [
+        "seeds", "num_samples", "seconds", "calibration_seconds", "same_as_best"]
+    out = board[[c for c in cols if c in board.columns]].rename(
+        columns=lambda c: c.replace("__lo", "_ci_low").replace("__hi", "_ci_high"))
+    return out.to_csv(index=False)
+
+
+def print_rich(board: pd.DataFrame, console=None, title: str = "ptqbench leaderboard") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    header, rows = display_table(board)
+    table = Table(title=title, show_lines=False)
+    for h in header:
+        table.add_column(h, justify="left" if h in KEYS else "right")
+    for r, (_, raw) in zip(rows, board.iterrows()):
+        table.add_row(*r, style="bold" if raw["method"] == "fp" else None)
+    console.print(table)
+    console.print("± = half-width of the 95% CI; ≈ = not significantly different from the best "
+                  "row of its group", style="dim")
+
+
+def failed_cells(df: pd.DataFrame) -> pd.DataFrame:
+    if "status" not in df:
+        return df.iloc[0:0]
+    return df[df["status"] != "ok"][KEYS + ["seed", "error"]]

@@ -1,0 +1,124 @@
+"""Results store: one JSON record per cell and sharded sample arrays, all written atomically.
+
+Layout of an output folder::
+
+    records/<cell key>.json        one per finished (or failed) cell
+    samples/<gen key>/<start>.npy  uint8 samples, one shard per batch, named by first index
+    work/<quant key>/              quantized-model checkpoints (resume after a kill)
+    cache/                         trajectories and reference statistics (shared)
+
+A file appears under its final name only once complete (temp file + fsync + rename), so a run
+killed at any point leaves either the old state or the new one, never a broken file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+                                        allow_nan=True).encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- records ------------------------------------------------------------------------
+    def record_path(self, key: str) -> Path:
+        return self.root / "records" / f"{key}.json"
+
+    def read_record(self, key: str) -> Optional[dict]:
+        path = self.record_path(key)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # cannot happen with atomic writes; treat as absent to be safe
+
+    def write_record(self, key: str, record: dict) -> Path:
+        path = self.record_path(key)
+        atomic_write_json(path, record)
+        return path
+
+    def records(self) -> Iterator[dict]:
+        folder = self.root / "records"
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                yield json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+
+    # ---- samples ------------------------------------------------------------------------
+    def samples_dir(self, gen_key: str) -> Path:
+        return self.root / "samples" / gen_key
+
+    def write_shard(self, gen_key: str, start: int, images: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images, dtype=np.uint8))
+        atomic_write_bytes(self.samples_dir(gen_key) / f"{start:09d}.npy", buf.getvalue())
+
+    def shard_starts(self, gen_key: str) -> dict[int, int]:
+        """Finished shards: first index -> number of samples."""
+        folder = self.samples_dir(gen_key)
+        out = {}
+        for p in sorted(folder.glob("*.npy")) if folder.is_dir() else []:
+            arr = np.load(p, mmap_mode="r")
+            out[int(p.stem)] = arr.shape[0]
+        return out
+
+    def load_samples(self, gen_key: str, num_samples: int) -> Optional[np.ndarray]:
+        """All ``num_samples`` samples in index order, or None if any is missing."""
+        shards = self.shard_starts(gen_key)
+        parts, nxt = [], 0
+        for start in sorted(shards):
+            if start != nxt:
+                return None
+            parts.append(np.load(self.samples_dir(gen_key) / f"{start:09d}.npy"))
+            nxt = start + shards[start]
+            if nxt >= num_samples:
+                break
+        if nxt < num_samples:
+            return None
+        return np.concatenate(parts)[:num_samples]
+
+    def work_dir(self, quant_key: str) -> Path:
+        return self.root / "work" / quant_key

@@ -1,0 +1,100 @@
+"""Grid expansion: a suite -> cells (model x sampler x bits x method x seed), each with its keys.
+
+Keys are content hashes of resolved configuration:
+- ``key``: the whole cell (record file name; a changed metric list gives a new record),
+- ``gen_key``: what determines the samples (reused when only metrics change),
+- ``quant_key``: what determines the quantized model (reused across metric/sample-count changes),
+- ``fp_gen_key``: the samples of the FP cell this cell is paired with.
+The FP method ignores bit-widths, so it yields one cell per (model, sampler, seed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..methods import ResolvedMethod, resolve
+from .loader import LoadedSuite
+
+FP_BITS = "FP"
+
+
+def config_hash(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Cell:
+    model: str
+    sampler: str
+    bits: str
+    method: str
+    seed: int
+    resolved: ResolvedMethod
+    config: dict
+    key: str
+    gen_key: str
+    quant_key: Optional[str]
+    fp_gen_key: str
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def is_fp(self) -> bool:
+        return self.resolved.is_fp
+
+    def title(self) -> str:
+        return f"{self.model} | {self.sampler} | {self.bits} | {self.method} | seed {self.seed}"
+
+
+def _model_config(loaded: LoadedSuite, name: str) -> dict:
+    entry = loaded.suite.models[name]
+    return {"name": name, "plugin": entry.plugin, "path": entry.path, "options": entry.options}
+
+
+def _sampler_config(loaded: LoadedSuite, name: str) -> dict:
+    s = loaded.suite.samplers[name]
+    return {"name": name, "kind": s.kind, "steps": s.steps, "eta": s.eta, "spacing": s.spacing}
+
+
+def expand(loaded: LoadedSuite) -> list[Cell]:
+    s = loaded.suite
+    ev = s.evaluation
+    evaluation = {"metrics": list(ev.metrics), "metric_options": ev.metric_options}
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for model in s.grid.models:
+        for sampler in s.grid.samplers:
+            for seed in s.grid.seeds:
+                base = {"model": _model_config(loaded, model),
+                        "sampler": _sampler_config(loaded, sampler), "seed": seed}
+                fp_gen = {**base, "bits": FP_BITS, "method": resolve("fp").as_dict() | {"name": "fp"},
+                          "num_samples": ev.num_samples}
+                fp_gen_key = config_hash(_gen_identity(fp_gen))
+                for method in s.grid.methods:
+                    resolved = resolve(method, s.methods.get(method))
+                    for bits in ([FP_BITS] if resolved.is_fp else s.grid.bits):
+                        quant = {**base, "bits": bits, "method": resolved.as_dict()}
+                        gen = {**quant, "num_samples": ev.num_samples}
+                        config = {**gen, "evaluation": evaluation, "batch_size": ev.batch_size}
+                        key = config_hash(config)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        cells.append(Cell(
+                            model=model, sampler=sampler, bits=bits, method=method, seed=seed,
+                            resolved=resolved, config=config, key=key,
+                            gen_key=config_hash(_gen_identity(gen)),
+                            quant_key=None if resolved.is_fp else config_hash(_gen_identity(quant)),
+                            fp_gen_key=fp_gen_key))
+    # FP cells first: every quantized cell is paired with their samples
+    cells.sort(key=lambda c: (not c.is_fp,))
+    return cells
+
+
+def _gen_identity(gen: dict) -> dict:
+    # The method's display name does not change the samples; its content does.
+    g = json.loads(json.dumps(gen, default=str))
+    g["method"].pop("name", None)
+    return g

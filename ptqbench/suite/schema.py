@@ -1,0 +1,130 @@
+"""The suite schema: what a TOML suite may say, with defaults. See suites/tiny.toml for an example."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import PtqbenchError, SuiteError
+from ..quant.bits import parse_bits
+from ..sampling import SPACINGS
+
+
+@dataclass
+class SuiteInfo:
+    name: str = "suite"
+    description: str = ""
+    #: where records, samples and checkpoints go (relative to the current directory)
+    output: str = "results/suite"
+    #: local .py files registered as plugins (relative to the suite file)
+    plugins: list[str] = field(default_factory=list)
+    #: other suites this one extends; their tables are merged under this one's
+    include: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelEntry:
+    path: str
+    plugin: str = "diffusers-unet"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerEntry:
+    kind: str = "ddim"
+    steps: int = 100
+    eta: float = 0.0
+    spacing: str = "uniform"
+
+    def check(self, path, file):
+        if self.kind != "ddim":
+            raise SuiteError(file, f"{path}.kind", f"unknown sampler {self.kind!r}; known: ddim")
+        if self.spacing not in SPACINGS:
+            raise SuiteError(file, f"{path}.spacing",
+                             f"unknown spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
+        if self.steps < 1:
+            raise SuiteError(file, f"{path}.steps", "must be >= 1")
+        if not 0.0 <= self.eta <= 1.0:
+            raise SuiteError(file, f"{path}.eta", "must be in [0, 1]")
+
+
+@dataclass
+class MethodEntry:
+    """A method: a preset, with any of its parts overridden."""
+
+    preset: Optional[str] = None
+    selector: Optional[str] = None
+    selector_options: dict[str, Any] = field(default_factory=dict)
+    weighting: Optional[str] = None
+    weighting_options: dict[str, Any] = field(default_factory=dict)
+    reconstructor: Optional[str] = None
+    reconstructor_options: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    #: FP trajectories recorded for calibration (None: what the selector needs)
+    calibration_trajectories: Optional[int] = None
+    calibration_batch_size: Optional[int] = None
+
+
+@dataclass
+class Grid:
+    models: list[str] = field(default_factory=list)
+    samplers: list[str] = field(default_factory=list)
+    bits: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def check(self, path, file):
+        for i, label in enumerate(self.bits):
+            try:
+                parse_bits(label)
+            except PtqbenchError as exc:
+                raise SuiteError(file, f"{path}.bits[{i}]", str(exc)) from None
+        for axis in ("models", "samplers", "methods", "seeds"):
+            if not getattr(self, axis):
+                raise SuiteError(file, f"{path}.{axis}", "empty: the grid has no cells")
+
+
+@dataclass
+class Evaluation:
+    #: generated samples per cell (DESIGN default for dataset FID is 50k; small suites say less)
+    num_samples: int = 50_000
+    batch_size: int = 256
+    metrics: list[str] = field(default_factory=lambda: ["paired"])
+    #: per-metric plugin options, e.g. [evaluation.metric_options.fid] reference = "..."
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def check(self, path, file):
+        if self.num_samples < 1:
+            raise SuiteError(file, f"{path}.num_samples", "must be >= 1")
+        if self.batch_size < 1:
+            raise SuiteError(file, f"{path}.batch_size", "must be >= 1")
+        unknown = sorted(set(self.metric_options) - set(self.metrics))
+        if unknown:
+            raise SuiteError(file, f"{path}.metric_options.{unknown[0]}",
+                             f"options for a metric that is not in {path}.metrics")
+
+
+@dataclass
+class RunSettings:
+    executor: str = "local"
+    executor_options: dict[str, Any] = field(default_factory=dict)
+    #: shared cache of trajectories and reference statistics (default: <output>/cache)
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class Suite:
+    suite: SuiteInfo = field(default_factory=SuiteInfo)
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    samplers: dict[str, SamplerEntry] = field(default_factory=dict)
+    methods: dict[str, MethodEntry] = field(default_factory=dict)
+    grid: Grid = field(default_factory=Grid)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def check(self, path, file):
+        for axis, table in (("models", self.models), ("samplers", self.samplers)):
+            for i, name in enumerate(getattr(self.grid, axis)):
+                if name not in table:
+                    known = ", ".join(sorted(table)) or "(none declared)"
+                    raise SuiteError(file, f"grid.{axis}[{i}]",
+                                     f"{name!r} is not declared under [{axis}]; declared: {known}")
