@@ -51,11 +51,9 @@ def ddim_timesteps(steps: int, num_train_timesteps: int, spacing: str) -> np.nda
     if spacing == "uniform":
         seq = np.arange(0, T, T // steps)[:steps]
     elif spacing == "quad":
+        # As in DDIM's and Q-Diffusion's code: the low end can repeat a timestep (e.g. 0, 0, 0);
+        # a repeated step is an identity update there, and is kept for comparability.
         seq = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64)
-        # many steps can round two neighbours to one timestep at the low end: keep them distinct
-        for i in range(1, steps):
-            if seq[i] <= seq[i - 1]:
-                seq[i] = seq[i - 1] + 1
     else:
         raise PtqbenchError(f"unknown spacing {spacing!r}")
     return seq[::-1].astype(np.int64).copy()
