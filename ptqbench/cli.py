@@ -130,8 +130,9 @@ def report(folder, models, bits, methods, sort, fmt, output):
 @cli.command()
 @click.option("--suite", type=click.Path(dir_okay=False, path_type=Path),
               help="Also load the local plugin files this suite names.")
+@click.option("--plain", is_flag=True, help="Tab-separated lines instead of a table (for scripts).")
 @user_errors
-def plugins(suite):
+def plugins(suite, plain):
     """List every registered plugin: family, name, where it came from, what it does."""
     from rich.table import Table
 
@@ -142,6 +143,10 @@ def plugins(suite):
     if suite is not None:
         for f in load_suite(suite).plugin_files:
             registry.load_file(f)
+    if plain:
+        for info in registry.all():
+            click.echo("\t".join((info.family, info.name, info.source, info.description)))
+        return
     table = Table(title="ptqbench plugins")
     for col in ("family", "name", "source", "description"):
         table.add_column(col)

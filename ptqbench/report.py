@@ -59,9 +59,9 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
                 sort: Optional[str] = None) -> pd.DataFrame:
     """One row per (model, sampler, bits, method) over finished cells; seeds are averaged (the
-    CI shown is then the mean of the per-seed CIs). Each group of (model, sampler, bits) is
-    sorted by the sort metric, and ``same_as_best`` marks rows whose CI overlaps the best row's
-    (their difference is not significant). FP rows are the reference of every bit-width."""
+    CI shown is then the mean of the per-seed CIs). Per (model, sampler) the FP reference row
+    comes first, then each bit-width's rows sorted by the sort metric; ``same_as_best`` marks
+    rows whose CI overlaps the best row's of their bit-width (difference not significant)."""
     ok = df[df["status"] == "ok"].copy() if "status" in df else df.copy()
     for col, allowed in (("model", models), ("bits", bits), ("method", methods)):
         if allowed:
@@ -85,19 +85,17 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
         raise PtqbenchError(f"cannot sort by {sort!r}; metrics here: {', '.join(metrics)}")
     higher = bool(board[f"{sort}__hib"].dropna().iloc[0]) if board[f"{sort}__hib"].notna().any() else False
     parts = []
-    fp_rows = board[board["method"] == "fp"]
-    for (model, sampler, b), group in board[board["method"] != "fp"].groupby(
-            ["model", "sampler", "bits"], dropna=False):
-        group = group.sort_values(sort, ascending=not higher, na_position="last")
-        best = group.iloc[0]
-        group["same_as_best"] = [
-            i != group.index[0] and _overlap(row, best, sort) for i, row in group.iterrows()]
-        ref = fp_rows[(fp_rows["model"] == model) & (fp_rows["sampler"] == sampler)].copy()
+    for (model, sampler), block in board.groupby(["model", "sampler"], dropna=False, sort=True):
+        ref = block[block["method"] == "fp"].copy()
         ref["bits"] = "FP"
-        parts.append(pd.concat([ref, group]))
-    if not parts:
-        return fp_rows
-    return pd.concat(parts).drop_duplicates(subset=KEYS).reset_index(drop=True)
+        parts.append(ref)  # the reference row leads its model and sampler
+        for _, group in block[block["method"] != "fp"].groupby("bits", sort=True):
+            group = group.sort_values(sort, ascending=not higher, na_position="last")
+            best = group.iloc[0]
+            group["same_as_best"] = [i != group.index[0] and _overlap(row, best, sort)
+                                     for i, row in group.iterrows()]
+            parts.append(group)
+    return pd.concat(parts).reset_index(drop=True)
 
 
 def _overlap(row, best, metric: str) -> bool:

@@ -1,0 +1,72 @@
+"""Leaderboards from records: rows, FP reference, filters, CI marks, all three formats."""
+import csv
+import io
+
+import pytest
+from click.testing import CliRunner
+
+from ptqbench.cli import cli
+from ptqbench.report import leaderboard, load_records, records_frame, to_csv, to_markdown
+from ptqbench.store import Store
+
+
+def rec(method, bits, mse, ci, seed=0, status="ok"):
+    return {"cell": {"model": "m", "sampler": "s", "bits": bits, "method": method, "seed": seed},
+            "status": status, "error": None if status == "ok" else {"message": "boom"},
+            "costs": {"total_seconds": 2.0, "seconds": {"reconstruct": 1.5}},
+            "num_samples": 64,
+            "metrics": {"paired_mse": {"value": mse, "ci": ci, "higher_is_better": False}}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    store = Store(tmp_path)
+    rows = [rec("fp", "FP", 0.0, [0.0, 0.0]),
+            rec("rtn", "W8A8", 0.010, [0.009, 0.011]),
+            rec("brecq", "W8A8", 0.0095, [0.0090, 0.0100]),  # overlaps rtn: not significant
+            rec("rtn", "W4A8", 0.100, [0.090, 0.110]),
+            rec("brecq", "W4A8", 0.050, [0.045, 0.055]),  # clearly better
+            rec("gac", "W4A8", None, None, status="failed")]
+    for i, r in enumerate(rows):
+        store.write_record(f"k{i}", r)
+    return tmp_path
+
+
+def test_leaderboard_rows_and_significance(results):
+    df = records_frame(load_records(results))
+    board = leaderboard(df)
+    keys = list(zip(board["bits"], board["method"]))
+    # the FP reference first, then each bit-width best to worst; failed cells left out
+    assert keys == [("FP", "fp"), ("W4A8", "brecq"), ("W4A8", "rtn"),
+                    ("W8A8", "brecq"), ("W8A8", "rtn")]
+    marks = dict(zip(zip(board["bits"], board["method"]), board["same_as_best"]))
+    assert bool(marks[("W8A8", "rtn")])
+    assert not marks[("W4A8", "rtn")]
+
+
+def test_filters(results):
+    df = records_frame(load_records(results))
+    board = leaderboard(df, bits=["W4A8"], methods=["fp", "rtn"])
+    assert set(zip(board["bits"], board["method"])) == {("FP", "fp"), ("W4A8", "rtn")}
+
+
+def test_markdown_and_csv(results):
+    board = leaderboard(records_frame(load_records(results)))
+    md = to_markdown(board)
+    assert md.splitlines()[0].startswith("| model | sampler | bits | method | paired_mse")
+    assert "0.0500 ± 0.0050" in md
+    rows = list(csv.DictReader(io.StringIO(to_csv(board))))
+    w4 = [r for r in rows if r["bits"] == "W4A8" and r["method"] == "brecq"][0]
+    assert float(w4["paired_mse"]) == 0.05 and float(w4["paired_mse_ci_low"]) == 0.045
+
+
+def test_cli_report(results, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["report", str(results)])
+    assert out.exit_code == 0, out.output
+    assert "brecq" in out.output and "1 failed cell" in out.output
+    target = tmp_path / "board.md"
+    out = runner.invoke(cli, ["report", str(results), "--format", "markdown", "-o", str(target)])
+    assert out.exit_code == 0 and target.read_text().startswith("| model")
+    out = runner.invoke(cli, ["report", str(tmp_path / "nothing-here")])
+    assert out.exit_code != 0 and "not found" in out.output
