@@ -1,0 +1,117 @@
+"""The embedded default end to end on the bundled tiny model, a failing cell, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from ptqbench.cli import cli
+from ptqbench.suite.loader import default_suite_path
+
+
+def small_tiny_suite(tmp_path: Path, extra: str = "", num_samples: int = 32) -> Path:
+    """The embedded tiny suite with fewer samples, through `include` (as a user would)."""
+    suite = tmp_path / "small.toml"
+    suite.write_text(textwrap.dedent(f"""
+        [suite]
+        name = "tiny-small"
+        include = ["{default_suite_path()}"]
+        [evaluation]
+        num_samples = {num_samples}
+        batch_size = 16
+    """) + textwrap.dedent(extra))
+    return suite
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+
+
+def test_tiny_suite_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(small_tiny_suite(tmp_path)), "-o", str(out),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    recs = {(r["cell"]["method"], r["cell"]["bits"]): r for r in records(out)}
+    assert set(recs) == {("fp", "FP"), ("rtn", "W8A8"), ("rtn", "W4A8")}
+    assert all(r["status"] == "ok" for r in recs.values())
+    w8 = recs[("rtn", "W8A8")]["metrics"]["paired_mse"]["value"]
+    w4 = recs[("rtn", "W4A8")]["metrics"]["paired_mse"]["value"]
+    assert 0 < w8 < w4  # fewer bits, larger error against the FP samples
+    rtn = recs[("rtn", "W4A8")]
+    assert rtn["coverage"] and rtn["git"]["commit"] is not None and rtn["versions"]["torch"]
+    assert {"sample", "metrics", "quantize"} <= set(rtn["costs"]["seconds"])
+    assert "rtn" in result.output and "W4A8" in result.output  # the leaderboard was printed
+
+    # a rerun finds every cell finished and does no work
+    again = CliRunner().invoke(cli, ["run", str(small_tiny_suite(tmp_path)), "-o", str(out),
+                                     "--no-progress"])
+    assert again.exit_code == 0 and "3 already finished" in again.output
+
+
+FAILING_PLUGIN = '''
+from ptqbench import Weighting, hookimpl
+
+class Exploding(Weighting):
+    name = "exploding"
+    description = "raises, to test that a failing cell does not stop the suite"
+    def prepare(self, calib, val, context):
+        raise RuntimeError("weighting exploded on purpose")
+    def weights(self, idx):
+        return None
+
+@hookimpl
+def register_weightings(register):
+    register(Exploding)
+'''
+
+
+def test_failing_cell_is_recorded_and_suite_goes_on(tmp_path, tiny_model_dir):
+    (tmp_path / "exploding.py").write_text(FAILING_PLUGIN)
+    suite = small_tiny_suite(tmp_path, """
+        [suite]
+        plugins = ["exploding.py"]
+        [grid]
+        bits = ["W8A8"]
+        methods = ["fp", "boom", "rtn"]
+        [methods.boom]
+        preset = "rtn"
+        weighting = "exploding"
+    """, num_samples=8)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(suite), "-o", str(out), "--no-progress"])
+    assert result.exit_code == 1
+    recs = {r["cell"]["method"]: r for r in records(out)}
+    assert recs["boom"]["status"] == "failed"
+    assert "exploded on purpose" in recs["boom"]["error"]["message"]
+    assert recs["rtn"]["status"] == "ok" and recs["fp"]["status"] == "ok"
+
+
+def test_killed_run_resumes_without_loss(tmp_path, tiny_model_dir):
+    suite = small_tiny_suite(tmp_path, num_samples=48)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ptqbench.cli", "run", str(suite), "-o", str(out), "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    # kill -9 as soon as the first cell has its record: the next cell is then mid-way
+    while time.time() < deadline and proc.poll() is None and not list((out / "records").glob("*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = records(out)
+    assert len(first) >= 1 and all(r["status"] == "ok" for r in first)
+
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    final = records(out)
+    assert len(final) == 3 and all(r["status"] == "ok" for r in final)
+    by_key = {r["key"]: r for r in final}
+    for r in first:  # finished cells were not redone
+        assert by_key[r["key"]]["started"] == r["started"]
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
