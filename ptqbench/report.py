@@ -109,26 +109,44 @@ def _overlap(row, best, metric: str) -> bool:
 def _fmt(row, metric: str) -> str:
     v = row.get(metric)
     if v is None or (isinstance(v, float) and math.isnan(v)):
-        why = row.get(f"{metric}__why")
-        return "n/a" if not isinstance(why, str) else "n/a"
+        return "n/a"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
     lo, hi = row.get(f"{metric}__lo"), row.get(f"{metric}__hi")
-    digits = 4 if abs(v) < 1 else 2
     if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+        return _num(v)
+    return f"{_num(v)} ± {_num((hi - lo) / 2, 2)}"
 
 
-def display_table(board: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows shared by every output format."""
+def _num(x: float, significant: int = 4) -> str:
+    """Significant digits without exponent for the usual ranges (FID 12.34, MSE 0.01234)."""
+    if x == 0:
+        return "0"
+    if 1e-4 <= abs(x) < 1e5:
+        digits = max(0, significant - 1 - int(math.floor(math.log10(abs(x)))))
+        return f"{x:.{digits}f}"
+    return f"{x:.3e}"
+
+
+def display_table(board: pd.DataFrame, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows shared by every output format. ``compact`` drops the columns
+    that are the same on every row (for narrow terminals; the caller names them in the title)."""
     metrics = metric_names(board)
-    header = KEYS + metrics + ["seeds", "n", "time (s)", "≈best"]
+    keys = [k for k in KEYS if not (compact and k in constant_keys(board))]
+    show_seeds = not compact or board["seeds"].nunique() > 1
+    header = keys + metrics + (["seeds"] if show_seeds else []) + ["n", "time (s)", "≈best"]
     rows = []
     for _, r in board.iterrows():
-        rows.append([str(r[k]) for k in KEYS] + [_fmt(r, m) for m in metrics] + [
-            str(int(r["seeds"])), str(int(r["num_samples"])) if pd.notna(r["num_samples"]) else "",
+        rows.append([str(r[k]) for k in keys] + [_fmt(r, m) for m in metrics]
+                    + ([str(int(r["seeds"]))] if show_seeds else []) + [
+            str(int(r["num_samples"])) if pd.notna(r["num_samples"]) else "",
             f"{r['seconds']:.1f}" if pd.notna(r["seconds"]) else "",
             "≈" if r.get("same_as_best") else ""])
     return header, rows
+
+
+def constant_keys(board: pd.DataFrame) -> list[str]:
+    return [k for k in ("model", "sampler") if board[k].nunique() == 1]
 
 
 def to_markdown(board: pd.DataFrame) -> str:
@@ -155,15 +173,16 @@ def print_rich(board: pd.DataFrame, console=None, title: str = "ptqbench leaderb
     from rich.table import Table
 
     console = console or Console()
-    header, rows = display_table(board)
-    table = Table(title=title, show_lines=False)
+    header, rows = display_table(board, compact=True)
+    fixed = [f"{k} {board[k].iloc[0]}" for k in constant_keys(board)]
+    table = Table(title=title + (f" ({', '.join(fixed)})" if fixed else ""))
     for h in header:
-        table.add_column(h, justify="left" if h in KEYS else "right")
+        table.add_column(h, justify="left" if h in KEYS else "right", no_wrap=True)
     for r, (_, raw) in zip(rows, board.iterrows()):
         table.add_row(*r, style="bold" if raw["method"] == "fp" else None)
     console.print(table)
     console.print("± = half-width of the 95% CI; ≈ = not significantly different from the best "
-                  "row of its group", style="dim")
+                  "row of its bit-width", style="dim")
 
 
 def failed_cells(df: pd.DataFrame) -> pd.DataFrame:

@@ -54,7 +54,7 @@ def test_markdown_and_csv(results):
     board = leaderboard(records_frame(load_records(results)))
     md = to_markdown(board)
     assert md.splitlines()[0].startswith("| model | sampler | bits | method | paired_mse")
-    assert "0.0500 ± 0.0050" in md
+    assert "0.05000 ± 0.0050" in md
     rows = list(csv.DictReader(io.StringIO(to_csv(board))))
     w4 = [r for r in rows if r["bits"] == "W4A8" and r["method"] == "brecq"][0]
     assert float(w4["paired_mse"]) == 0.05 and float(w4["paired_mse_ci_low"]) == 0.045

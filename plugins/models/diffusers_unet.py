@@ -17,9 +17,6 @@ from torch import nn
 from ptqbench import Block, ModelAdapter, hookimpl
 from ptqbench.errors import PtqbenchError
 
-ASSETS = Path(__file__).resolve().parents[2] / "ptqbench" / "assets"
-
-
 def builtin_model_dir(name: str) -> Path:
     import ptqbench
 
@@ -70,8 +67,9 @@ class DiffusersUNet(ModelAdapter):
         from diffusers import UNet2DModel
 
         try:
+            # low_cpu_mem_usage=False: same result, and no nagging about `accelerate`
             return UNet2DModel.from_pretrained(self.path, subfolder=self.subfolder_unet,
-                                               revision=self.revision)
+                                               revision=self.revision, low_cpu_mem_usage=False)
         except Exception as exc:
             raise PtqbenchError(f"cannot load UNet2DModel from {self.path!r}: {exc}") from exc
 

@@ -184,7 +184,7 @@ class CellRunner:
         weighting = self.registry.create("weightings", m.weighting, m.weighting_options)
         reconstructor = self.registry.create("reconstructors", m.reconstructor,
                                              m.reconstructor_options)
-        n_traj = m.calibration_trajectories or selector.num_trajectories()
+        n_traj = m.calibration_trajectories or selector.num_trajectories(spec.steps)
         batch = m.calibration_batch_size or self.loaded.suite.evaluation.batch_size
         with calib_timer.stage("trajectories"):
             traj = get_trajectories(adapter, fp_model, spec, n_traj, cell.seed, self.cache_dir,
