@@ -92,8 +92,10 @@ def run(suite, dry_run, output, device, retry_failed, no_progress):
               default="terminal", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file instead of standard output.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also save a PNG bar chart of the sort metric by method and bit-width.")
 @user_errors
-def report(folder, models, bits, methods, sort, fmt, output):
+def report(folder, models, bits, methods, sort, fmt, output, plot):
     """Leaderboard of the records in FOLDER (a suite's output folder).
 
     One row per (model, sampler, bits, method); FP rows are the reference; ± is the half-width
@@ -106,6 +108,11 @@ def report(folder, models, bits, methods, sort, fmt, output):
     board = leaderboard(df, models=models, bits=bits, methods=methods, sort=sort)
     if board.empty:
         raise PtqbenchError("no finished cells match the filters")
+    if plot is not None:
+        from .report import SORT_PREFERENCE, metric_names, plot_metric
+
+        metric = sort or next((m for m in SORT_PREFERENCE if m in metric_names(board)), None)
+        click.echo(f"wrote {plot_metric(board, metric, plot)}", err=True)
     if fmt == "terminal" and output is None:
         console = Console()
         print_rich(board, console)

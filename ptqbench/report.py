@@ -189,3 +189,45 @@ def failed_cells(df: pd.DataFrame) -> pd.DataFrame:
     if "status" not in df:
         return df.iloc[0:0]
     return df[df["status"] != "ok"][KEYS + ["seed", "error"]]
+
+
+def plot_metric(board: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """Bar chart of ``metric`` by method, one group of bars per bit-width, 95% CI as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if metric not in board.columns:
+        raise PtqbenchError(f"cannot plot {metric!r}; metrics here: {', '.join(metric_names(board))}")
+    quant = board[board["method"] != "fp"]
+    bits = sorted(quant["bits"].unique())
+    methods = list(dict.fromkeys(quant.sort_values("method")["method"]))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.6 * len(bits) * max(len(methods), 1)), 3.6))
+    for j, method in enumerate(methods):
+        vals, errs = [], [[], []]
+        for b in bits:
+            row = quant[(quant["bits"] == b) & (quant["method"] == method)]
+            v = row[metric].iloc[0] if len(row) else np.nan
+            lo = row[f"{metric}__lo"].iloc[0] if len(row) else np.nan
+            hi = row[f"{metric}__hi"].iloc[0] if len(row) else np.nan
+            vals.append(v)
+            errs[0].append(0 if pd.isna(lo) else v - lo)
+            errs[1].append(0 if pd.isna(hi) else hi - v)
+        ax.bar(np.arange(len(bits)) + (j - (len(methods) - 1) / 2) * width, vals, width,
+               yerr=errs, capsize=3, label=method)
+    fp = board[board["method"] == "fp"]
+    if len(fp) and pd.notna(fp[metric].iloc[0]) and fp[metric].iloc[0] != 0:
+        ax.axhline(fp[metric].iloc[0], color="k", ls="--", lw=1, label="fp")
+    ax.set_xticks(np.arange(len(bits)), bits)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} by method and bit-width (95% CI)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -70,3 +70,10 @@ def test_cli_report(results, tmp_path):
     assert out.exit_code == 0 and target.read_text().startswith("| model")
     out = runner.invoke(cli, ["report", str(tmp_path / "nothing-here")])
     assert out.exit_code != 0 and "not found" in out.output
+
+
+def test_plot(results, tmp_path):
+    target = tmp_path / "plot.png"
+    out = CliRunner().invoke(cli, ["report", str(results), "--plot", str(target), "--format", "csv"])
+    assert out.exit_code == 0, out.output
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
