@@ -1,0 +1,99 @@
+"""The ``paired`` metric: per-sample MSE / PSNR against the FP samples, with bootstrap intervals."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptqbench import MetricContext
+from ptqbench.errors import PtqbenchError
+from ptqbench.metrics.bootstrap import bootstrap_mean, t975
+from ptqbench_plugins.metrics.paired import Paired, register_metrics
+
+
+def _ctx(fp=None, reference=False) -> MetricContext:
+    return MetricContext(fp_samples=fp, is_reference_cell=reference, cache_dir=Path("."),
+                         device=torch.device("cpu"), seed=0)
+
+
+def _pair():
+    """Two 1x2x2 grayscale samples and their FP counterparts, differences chosen by hand."""
+    fp = torch.tensor([[[[10, 20], [30, 40]]], [[[0, 0], [0, 0]]]], dtype=torch.uint8)
+    q = fp.clone()
+    q[0, 0, 0, 0] = 61  # sample 0: one pixel off by 51 = 0.2 in [0, 1] -> MSE 0.04 / 4 = 0.01
+    q[1] = 255  # sample 1: every pixel off by 1.0 -> MSE 1
+    return q, fp
+
+
+def test_hand_computed_mse_and_psnr():
+    q, fp = _pair()
+    out = Paired(bootstrap=0).compute(q, _ctx(fp))
+    mse, psnr = out["paired_mse"], out["paired_psnr"]
+    assert mse["value"] == pytest.approx((0.01 + 1.0) / 2, rel=1e-12)
+    assert psnr["value"] == pytest.approx((20.0 + 0.0) / 2, rel=1e-12)  # 10 log10(1/0.01) = 20
+    assert mse["n"] == psnr["n"] == 2
+    assert mse["higher_is_better"] is False and psnr["higher_is_better"] is True
+    assert "ci" not in mse and psnr["identical"] == 0
+
+
+def test_identical_sample_gets_the_largest_finite_uint8_psnr():
+    q, fp = _pair()
+    q[1] = fp[1]
+    out = Paired(bootstrap=0).compute(q, _ctx(fp))
+    cap = 10 * math.log10(255.0 ** 2 * 4)  # one grey level in one of 4 values
+    assert out["paired_psnr"]["value"] == pytest.approx((20.0 + cap) / 2)
+    assert out["paired_psnr"]["identical"] == 1
+    assert out["paired_mse"]["value"] == pytest.approx(0.005)
+
+
+def test_bootstrap_interval_is_fixed_seed_and_brackets_the_mean():
+    g = torch.Generator().manual_seed(0)
+    fp = torch.randint(0, 256, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    noise = torch.randint(-20, 21, fp.shape, generator=g)
+    q = (fp.int() + noise).clamp(0, 255).to(torch.uint8)
+    a = Paired(bootstrap=500, seed=1).compute(q, _ctx(fp))
+    b = Paired(bootstrap=500, seed=1).compute(q, _ctx(fp))
+    assert a == b
+    for key in ("paired_mse", "paired_psnr"):
+        lo, hi = a[key]["ci"]
+        assert lo < a[key]["value"] < hi
+    # chunking does not change the values
+    c = Paired(bootstrap=500, seed=1, chunk=7).compute(q, _ctx(fp))
+    assert c["paired_mse"]["value"] == pytest.approx(a["paired_mse"]["value"], rel=1e-12)
+    expected = ((q.double() - fp.double()) / 255).square().flatten(1).mean(1).mean()
+    assert a["paired_mse"]["value"] == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_reference_cell_and_missing_fp_samples():
+    q, fp = _pair()
+    ref = Paired().compute(fp, _ctx(fp, reference=True))
+    assert ref["paired_mse"]["value"] == 0.0
+    assert ref["paired_psnr"]["value"] is None and "reference cell" in ref["paired_psnr"]["unavailable"]
+    missing = Paired().compute(q, _ctx(None))
+    assert missing["paired_mse"]["value"] is None and missing["paired_mse"]["unavailable"]
+
+
+def test_shape_mismatch_and_bad_options_raise():
+    q, fp = _pair()
+    with pytest.raises(PtqbenchError, match="shape"):
+        Paired().compute(q[:1], _ctx(fp))
+    with pytest.raises(PtqbenchError, match="unknown option"):
+        Paired(resamples=10)
+    with pytest.raises(PtqbenchError, match="bootstrap"):
+        Paired(bootstrap=-1)
+    assert Paired.needs_fp_samples
+    registered = []
+    register_metrics(register=registered.append)
+    assert [c.name for c in registered] == ["paired"]
+
+
+def test_bootstrap_mean_and_t_quantiles():
+    v = torch.arange(100, dtype=torch.float64)
+    mean, ci = bootstrap_mean(v, resamples=2000, seed=0)
+    assert mean == 49.5
+    # the standard error of the mean of 0..99 is about 2.9: the interval is about +-5.7
+    assert 4.5 < (ci[1] - ci[0]) / 2 < 7.0
+    assert bootstrap_mean(v, resamples=0)[1] is None
+    assert t975(9) == pytest.approx(2.262) and t975(1000) == pytest.approx(1.962, abs=2e-3)
