@@ -13,7 +13,14 @@ export PYTHONPATH=/tmp/site
 export PATH=/tmp/site/bin:$PATH
 mkdir -p /tmp/ptq-data ../shared
 [ -e ../shared/data ] || ln -s /tmp/ptq-data ../shared/data
-# data carried in this call (.carry/data/...) joins what earlier calls left in /tmp/ptq-data
-if [ -d .carry/data ]; then cp -rn .carry/data/. /tmp/ptq-data/; fi
+# data carried in this call (.carry/<name>/data/...) joins what earlier calls left in /tmp/ptq-data
+for d in .carry/*/data; do [ -d "$d" ] && cp -rn "$d"/. /tmp/ptq-data/; done
+# the Inception weights travel in two parts (91 MiB > one call's 64 MiB)
+W=/tmp/ptq-data/inception/weights-inception-2015-12-05-features-only.pth
+if [ ! -f "$W" ] && [ -f /tmp/ptq-data/inception/part-aa ] && [ -f /tmp/ptq-data/inception/part-ab ]; then
+    cat /tmp/ptq-data/inception/part-aa /tmp/ptq-data/inception/part-ab > "$W.tmp" && mv "$W.tmp" "$W"
+    echo "inception weights: $(sha256sum "$W" | cut -c1-16)"
+fi
+[ -f "$W" ] && export PTQBENCH_INCEPTION_WEIGHTS="$W"
 python3 -c 'import torch, diffusers, torch_fidelity, ptqbench; print("torch", torch.__version__, "cuda", torch.cuda.device_count(), "diffusers", diffusers.__version__)'
 set +e
