@@ -1,0 +1,153 @@
+"""``ptqbench diagnose``: gradient conflict across timesteps (and GAC's learned weights) for one
+block of one cell, computed inside the cell's real reconstruction run.
+
+The lead adds the command to the CLI group with ``cli.add_command(diagnose)``.
+
+The cell is chosen from the suite by --model/--method/--bits/--sampler/--seed (the first
+quantized cell that matches). The run goes exactly as ``ptqbench run`` would (trajectories,
+selection, quantization, activation ranges, block-wise reconstruction), with the weighting
+wrapped in a :class:`~ptqbench.calib.diagnostics.BlockProbe` that writes the diagnostics when the
+chosen block starts and stops the run when its first phase ends. Blocks before it are
+reconstructed normally (their outputs are the block's inputs); ``--iterations`` shortens them
+for a quick look, at the price of inputs that differ from the real run's.
+Scratch files (reconstruction checkpoints) go to OUT/work, never to the suite's results.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+
+from ..errors import PtqbenchError
+
+
+def _pick_cell(cells, model, method, bits, sampler, seed):
+    def ok(c):
+        return ((model is None or c.model == model) and (method is None or c.method == method)
+                and (bits is None or c.bits == bits) and (sampler is None or c.sampler == sampler)
+                and (seed is None or c.seed == seed) and not c.is_fp)
+    matches = [c for c in cells if ok(c)]
+    if not matches:
+        known = sorted({f"{c.model}/{c.method}/{c.bits}" for c in cells if not c.is_fp})
+        raise PtqbenchError(f"no quantized cell matches; cells: {', '.join(known) or '(none)'}")
+    return matches[0]
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_diagnosis(suite: Optional[Path], block: str, out: Path, model: Optional[str] = None,
+                  method: Optional[str] = None, bits: Optional[str] = None,
+                  sampler: Optional[str] = None, seed: Optional[int] = None,
+                  device: Optional[str] = None, iterations: Optional[int] = None,
+                  max_per_step: Optional[int] = 64, max_samples: Optional[int] = 256,
+                  list_blocks: bool = False) -> dict:
+    """Run one cell up to ``block`` and write its diagnostics under ``out``; returns the paths
+    (and block names when ``list_blocks``)."""
+    from ..interfaces import RunContext
+    from ..pipeline.cell import CellRunner
+    from ..pipeline.runner import prepare
+    from ..quant import QuantRecipe, calibrate_activation_ranges, quantize_model
+    from ..store import Store
+    from .diagnostics import BlockProbe, DiagnosisDone
+    from .trajectories import get_trajectories
+
+    loaded, registry, cells = prepare(suite)
+    cell = _pick_cell(cells, model, method, bits, sampler, seed)
+    dev = _device(device)
+    results = Path(loaded.suite.suite.output)
+    cache = Path(loaded.suite.run.cache_dir) if loaded.suite.run.cache_dir else results / "cache"
+    runner = CellRunner(loaded, registry, Store(results), cache)
+    adapter = runner.adapter(cell.model)
+    fp_model = adapter.load(dev)
+    names = [b.name for b in adapter.blocks(fp_model)]
+    if list_blocks:
+        return {"cell": cell.title(), "blocks": names}
+    if block not in names:
+        raise PtqbenchError(f"no block {block!r} in {cell.model}; blocks: {', '.join(names)}")
+    m = cell.resolved
+    spec = runner.sampler_spec(cell)
+    out = Path(out)
+    ctx = RunContext(device=dev, seed=cell.seed, work_dir=out / "work", cache_dir=cache)
+    selector = registry.create("selectors", m.selector, m.selector_options)
+    weighting = registry.create("weightings", m.weighting, m.weighting_options)
+    recon_options = dict(m.reconstructor_options)
+    if iterations is not None:
+        recon_options.update(iters_w=iterations, iters_a=iterations)
+    reconstructor = registry.create("reconstructors", m.reconstructor, recon_options)
+    steps = spec.steps
+    traj_opts = (selector.trajectory_options(steps) if hasattr(selector, "trajectory_options")
+                 else {"num_samples": selector.num_trajectories(steps),
+                       "with_features": getattr(selector, "needs_features", False)})
+    if m.calibration_trajectories:
+        traj_opts["num_samples"] = m.calibration_trajectories
+    batch = m.calibration_batch_size or loaded.suite.evaluation.batch_size
+    traj = get_trajectories(adapter, fp_model, spec, seed=cell.seed, cache_dir=cache, device=dev,
+                            batch_size=batch, **traj_opts)
+    calib, val = selector.select(traj, torch.Generator().manual_seed(cell.seed), ctx)
+    recipe = QuantRecipe.from_options(bits=cell.bits, **m.recipe)
+    qmodel, _ = quantize_model(fp_model, recipe, adapter)
+    calibrate_activation_ranges(qmodel, adapter, calib, batch, dev)
+    probe = BlockProbe(weighting, block, out, max_per_step, max_samples, cell.seed)
+    probe.prepare(calib, val, ctx)
+    try:
+        reconstructor.reconstruct(fp_model, qmodel, adapter, calib, val, probe, ctx)
+    except DiagnosisDone as done:
+        result = dict(done.result, cell=cell.title())
+        (out / "diagnosis.json").write_text(json.dumps(result, indent=1))
+        return result
+    raise PtqbenchError(f"the reconstructor never optimised block {block!r} (it may have no "
+                        f"quantization parameters, or the method does not reconstruct)")
+
+
+@click.command("diagnose")
+@click.option("--suite", type=click.Path(dir_okay=False, path_type=Path),
+              help="Suite file (default: the embedded one).")
+@click.option("--model", help="Model name in the suite.")
+@click.option("--method", help="Method name in the suite (e.g. gac).")
+@click.option("--bits", help="Bit-width, e.g. W4A8.")
+@click.option("--sampler", help="Sampler name in the suite.")
+@click.option("--seed", type=int, help="Seed of the cell.")
+@click.option("--block", "block", help="Block to diagnose, e.g. down_blocks.1.resnets.0.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the CSV/JSON/PNG outputs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--iterations", type=int,
+              help="Reconstruction iterations of the blocks before it (quick look).")
+@click.option("--max-per-step", type=int, default=64, show_default=True,
+              help="Calibration samples per timestep for the conflict matrix.")
+@click.option("--max-samples", type=int, default=256, show_default=True,
+              help="Samples whose gradient alignment is scored against the learned weights.")
+@click.option("--list-blocks", is_flag=True, help="Print the model's block names and exit.")
+def diagnose(suite, model, method, bits, sampler, seed, block, out, device, iterations,
+             max_per_step, max_samples, list_blocks):
+    """Gradient conflict across timesteps for one block, and GAC's learned weights.
+
+    Writes gradient_conflict.{csv,json,png}; for a gradient-aligned method also
+    gac_weights_by_step.{csv,png}, gac_weights_alignment.png and gac_weights.json.
+    """
+    if not list_blocks and (block is None or out is None):
+        raise click.UsageError("--block and --out are required (or use --list-blocks)")
+    try:
+        res = run_diagnosis(suite, block, out, model, method, bits, sampler, seed, device,
+                            iterations, max_per_step, max_samples, list_blocks)
+    except PtqbenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    if list_blocks:
+        click.echo(f"{res['cell']}:")
+        for name in res["blocks"]:
+            click.echo(f"  {name}")
+        return
+    click.echo(f"{res['cell']}: block {res['block']} ({res.get('phase')})")
+    for group in ("conflict", "weights"):
+        for kind, path in res.get(group, {}).items():
+            click.echo(f"  {group} {kind}: {path}")
+    if res.get("pearson") is not None:
+        click.echo(f"  weight vs gradient alignment: pearson {res['pearson']:.3f}, "
+                   f"spearman {res['spearman']:.3f}")
