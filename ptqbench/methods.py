@@ -7,8 +7,9 @@ here or a plugin, never an ``if`` in the pipeline.
 Sources of the defaults:
 - Q-Diffusion (Li et al. 2023, github.com/Xiuyu-Li/q-diffusion): 20 uniformly spaced sampler steps
   x 256 samples = 5120 calibration inputs, BRECQ + AdaRound, shortcut split, quantized attention.
-- PTQ4DM (Shang et al. 2023): timesteps ~ N(0.4T, 0.4T), then the same reconstruction.
-- EDA-DM (Liu et al. 2024): TDAC selection + fine-grained block reconstruction (FBR).
+- PTQ4DM (Shang et al. 2023): 1024 inputs, timesteps ~ N(0.4T, 0.4T), then BRECQ.
+- EDA-DM (Liu et al. 2024): TDAC selection of 1024 inputs (CIFAR-10 script: radius 3.0,
+  lambda 1.2) + fine-grained block reconstruction (FBR, joint weights/activations, QDrop).
 - GAC (ICLR 2026): uniform-steps calibration + a validation split + learned gradient-aligned
   per-sample weights during BRECQ reconstruction.
 """
@@ -46,12 +47,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "ptq4dm": {
         "description": "PTQ4DM: timesteps ~ N(0.4T, 0.4T) + BRECQ reconstruction",
-        "selector": "normal-steps", "selector_options": {"num_samples": 5120},
+        "selector": "normal-steps", "selector_options": {"num_samples": 1024},
         "weighting": "uniform", "reconstructor": "brecq", "recipe": {},
     },
     "eda-dm": {
         "description": "EDA-DM: TDAC calibration selection + fine-grained block reconstruction",
-        "selector": "tdac", "selector_options": {"num_samples": 5120},
+        "selector": "tdac", "selector_options": {"num_samples": 1024, "radius": 3.0, "lam": 1.2},
         "weighting": "uniform", "reconstructor": "fbr", "recipe": {},
     },
     "gac": {

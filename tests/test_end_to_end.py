@@ -14,13 +14,15 @@ from ptqbench.cli import cli
 from ptqbench.suite.loader import default_suite_path
 
 
-def small_tiny_suite(tmp_path: Path, extra: str = "", num_samples: int = 32) -> Path:
+def small_tiny_suite(tmp_path: Path, extra: str = "", num_samples: int = 32,
+                     plugins: tuple = ()) -> Path:
     """The embedded tiny suite with fewer samples, through `include` (as a user would)."""
     suite = tmp_path / "small.toml"
     suite.write_text(textwrap.dedent(f"""
         [suite]
         name = "tiny-small"
         include = ["{default_suite_path()}"]
+        plugins = {list(plugins)!r}
         [evaluation]
         num_samples = {num_samples}
         batch_size = 16
@@ -74,15 +76,13 @@ def register_weightings(register):
 def test_failing_cell_is_recorded_and_suite_goes_on(tmp_path, tiny_model_dir):
     (tmp_path / "exploding.py").write_text(FAILING_PLUGIN)
     suite = small_tiny_suite(tmp_path, """
-        [suite]
-        plugins = ["exploding.py"]
         [grid]
         bits = ["W8A8"]
         methods = ["fp", "boom", "rtn"]
         [methods.boom]
         preset = "rtn"
         weighting = "exploding"
-    """, num_samples=8)
+    """, num_samples=8, plugins=("exploding.py",))
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["run", str(suite), "-o", str(out), "--no-progress"])
     assert result.exit_code == 1

@@ -184,14 +184,18 @@ class CellRunner:
         weighting = self.registry.create("weightings", m.weighting, m.weighting_options)
         reconstructor = self.registry.create("reconstructors", m.reconstructor,
                                              m.reconstructor_options)
-        n_traj = m.calibration_trajectories or selector.num_trajectories(spec.steps)
         batch = m.calibration_batch_size or self.loaded.suite.evaluation.batch_size
+        traj_options = selector.trajectory_options(spec.steps)
+        if m.calibration_trajectories:
+            traj_options["num_samples"] = m.calibration_trajectories
         with calib_timer.stage("trajectories"):
-            traj = get_trajectories(adapter, fp_model, spec, n_traj, cell.seed, self.cache_dir,
-                                    device, batch, with_features=getattr(selector, "needs_features", False),
-                                    progress=self.reporter)
+            traj = get_trajectories(adapter, fp_model, spec, seed=cell.seed,
+                                    cache_dir=self.cache_dir, device=device, batch_size=batch,
+                                    progress=self.reporter, **traj_options)
         with calib_timer.stage("select"):
             calib, val = selector.select(traj, gen, ctx)
+            if not getattr(weighting, "needs_validation", False):
+                val = None  # nobody reads it: do not cache its block inputs
         del traj
         with calib_timer.stage("quantize"):
             qmodel, manifest = quantize_model(fp_model, recipe, adapter)
@@ -200,7 +204,7 @@ class CellRunner:
             weighting.prepare(calib, val, ctx)
             recon = reconstructor.reconstruct(fp_model, qmodel, adapter, calib, val, weighting, ctx)
         calibration = {"num_calibration": len(calib), "num_validation": len(val) if val is not None else 0,
-                       "trajectories": n_traj,
+                       "trajectories": traj_options["num_samples"],
                        "steps_used": sorted(set(int(s) for s in calib.step.tolist()))}
         info = {"coverage": manifest, "reconstruction": recon, "weighting_state": weighting.state(),
                 "calibration": calibration, "costs": calib_timer.as_dict()}
