@@ -162,6 +162,15 @@ def plugins(suite, plain):
     Console(width=max(Console().width, 160)).print(table)
 
 
+def _add_diagnose() -> None:
+    from .calib.diagnose_cli import diagnose
+
+    cli.add_command(diagnose)
+
+
+_add_diagnose()
+
+
 def main():
     cli(prog_name="ptqbench")
 
