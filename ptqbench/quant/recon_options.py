@@ -1,0 +1,157 @@
+"""Options of the reconstruction backends, validated, with the source of every default.
+
+Defaults follow Q-Diffusion's calibration (BRECQ engine): 20k weight iterations, batch 32,
+rounding-loss weight 0.01, beta 20 -> 2 after a 0.2 warm-up, Adam lr 1e-3 on AdaRound alphas
+(BRECQ), activation step sizes lr 4e-4 for 5k iterations with cosine annealing. Plugins override
+some of them (``fbr`` follows EDA-DM's released CIFAR-10 W4A8 script).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PtqbenchError
+
+SOURCES = {
+    "granularity": "'block' (BRECQ units from the model adapter) or 'layer' (AdaRound)",
+    "mode": "'sequential': weights (AdaRound, activations FP) then activation step sizes, as "
+            "Q-Diffusion; 'joint': both at once with activations quantized (QDrop/EDA-DM)",
+    "iters_w": "weight (AdaRound) iterations; joint mode: all iterations (Q-Diffusion 20000)",
+    "iters_a": "activation step-size iterations in sequential mode (Q-Diffusion 5000)",
+    "lr_w": "Adam lr of AdaRound alphas (BRECQ/Q-Diffusion: Adam default 1e-3)",
+    "lr_a": "Adam lr of activation step sizes (Q-Diffusion --cali_lr 4e-4)",
+    "lr_w_schedule": "'constant' (BRECQ) or 'cosine' (EDA-DM) for lr_w",
+    "lr_a_schedule": "'cosine' (BRECQ/Q-Diffusion CosineAnnealingLR) or 'constant' for lr_a",
+    "batch_size": "samples per iteration (Q-Diffusion 32)",
+    "round_weight": "weight of the AdaRound rounding regulariser (Q-Diffusion 0.01)",
+    "beta_start": "start of the regulariser's annealed beta (BRECQ b_range 20)",
+    "beta_end": "end of beta (BRECQ b_range 2)",
+    "warmup": "fraction of iterations without regulariser (BRECQ/Q-Diffusion 0.2)",
+    "input_source": "'quantized': block inputs from the quantized model (BRECQ asym=True, "
+                    "Q-Diffusion); 'fp': from the FP model",
+    "qdrop": "QDrop: each element of a block input is taken from the FP stream instead of the "
+             "quantized one with this probability (QDrop/EDA-DM 0.5; 0 = off)",
+    "loss": "'block': block-output loss; 'fbr': EDA-DM's block loss + fbr_beta * sum of the "
+            "inner layers' output losses",
+    "fbr_beta": "weight of the inner-layer losses of 'fbr' (EDA-DM CIFAR-10 --add_loss 0.8)",
+    "loss_reduction": "per-sample loss: 'channel_sum' (squared error summed over channels, "
+                      "averaged over positions: BRECQ/Q-Diffusion lp_loss p=2, the scale the "
+                      "regulariser weight is tuned for) or 'mean' (plain MSE)",
+    "learn_act": "learn activation step sizes when activations are quantized (default true)",
+    "step_floor": "after every Adam step, activation step sizes are projected to >= step_floor x "
+                  "their value at the start of the phase (default 0.1): Adam's fixed-size steps "
+                  "(lr 4e-4) otherwise push small steps such as the softmax's (~1e-3) through "
+                  "zero",
+    "lsq_grad_scale": "LSQ's gradient scale 1/sqrt(numel*qmax) on step sizes (default false)",
+    "cuda_graph": "replay each phase's whole step (gather, forward, loss, backward, Adam) as "
+                  "one CUDA graph: 'auto' (on CUDA, when the weighting is uniform and the "
+                  "caches are on the device), true, false",
+    "compile": "torch.compile the block forward+loss: 'auto' (on CUDA), true, false "
+               "(default false: compiling every block costs more than it saves at 20k "
+               "iterations; see benchmarks/bench_reconstruction.py)",
+    "compile_mode": "torch.compile mode (default 'default'; 'max-autotune-no-cudagraphs', ...)",
+    "tf32": "TF32 matmuls/convolutions inside the optimisation loop on CUDA (targets and caches "
+            "stay full fp32; default true)",
+    "cache_on_device": "keep block caches on the accelerator: 'auto' (when they fit), true, false",
+    "forward_batch_size": "batch size of cache building and block forwards (default 64)",
+    "checkpoint": "save state after every block and resume from it (default true)",
+    "eval_samples": "calibration samples used to report block-output MSE before/after "
+                    "(default 256)",
+    "log_every": "iterations between recorded loss values (no host sync in the loop; "
+                 "default 500)",
+}
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    granularity: str = "block"
+    mode: str = "sequential"
+    iters_w: int = 20000
+    iters_a: int = 5000
+    lr_w: float = 1e-3
+    lr_a: float = 4e-4
+    lr_w_schedule: str = "constant"
+    lr_a_schedule: str = "cosine"
+    batch_size: int = 32
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    input_source: str = "quantized"
+    qdrop: float = 0.0
+    loss: str = "block"
+    fbr_beta: float = 0.8
+    loss_reduction: str = "channel_sum"
+    learn_act: bool = True
+    step_floor: float = 0.1
+    lsq_grad_scale: bool = False
+    cuda_graph: Any = "auto"
+    compile: Any = False
+    compile_mode: str = "default"
+    tf32: bool = True
+    cache_on_device: Any = "auto"
+    forward_batch_size: int = 64
+    checkpoint: bool = True
+    eval_samples: int = 256
+    log_every: int = 500
+
+    @classmethod
+    def from_options(cls, plugin: str, defaults: dict, options: dict,
+                     fixed: tuple[str, ...] = ()) -> "ReconConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise PtqbenchError(f"reconstructor {plugin!r}: unknown option(s) "
+                                f"{', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values = {**defaults, **options}
+        for k, v in values.items():
+            _check(plugin, k, v)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _err(plugin, name, what, v):
+    raise PtqbenchError(f"reconstructor {plugin!r}: option {name} must be {what}, got {v!r}")
+
+
+def _check(plugin: str, k: str, v: Any) -> None:
+    choices = {"granularity": ("block", "layer"), "mode": ("sequential", "joint"),
+               "lr_w_schedule": ("constant", "cosine"), "lr_a_schedule": ("constant", "cosine"),
+               "input_source": ("quantized", "fp"), "loss": ("block", "fbr"),
+               "loss_reduction": ("channel_sum", "mean"),
+               "compile": ("auto", True, False), "cache_on_device": ("auto", True, False),
+               "cuda_graph": ("auto", True, False)}
+    if k in choices:
+        if v not in choices[k] or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                   and k in ("compile", "cache_on_device", "cuda_graph")):
+            _err(plugin, k, "one of " + ", ".join(map(repr, choices[k])), v)
+        return
+    if k in ("learn_act", "lsq_grad_scale", "tf32", "checkpoint"):
+        if not isinstance(v, bool):
+            _err(plugin, k, "true or false", v)
+        return
+    if k in ("iters_w", "iters_a", "eval_samples"):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            _err(plugin, k, "an integer >= 0", v)
+        return
+    if k in ("batch_size", "forward_batch_size", "log_every"):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _err(plugin, k, "an integer >= 1", v)
+        return
+    if k == "compile_mode":
+        if not isinstance(v, str):
+            _err(plugin, k, "a string", v)
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _err(plugin, k, "a number", v)
+    if k in ("lr_w", "lr_a") and not v > 0:
+        _err(plugin, k, "> 0", v)
+    if k in ("round_weight", "fbr_beta") and v < 0:
+        _err(plugin, k, ">= 0", v)
+    if k in ("beta_start", "beta_end") and not v > 0:
+        _err(plugin, k, "> 0", v)
+    if k in ("warmup", "qdrop", "step_floor") and not 0 <= v < 1:
+        _err(plugin, k, "in [0, 1)", v)

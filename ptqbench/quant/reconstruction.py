@@ -1,0 +1,636 @@
+"""Block-wise reconstruction shared by the ``adaround``, ``brecq`` and ``fbr`` plugins.
+
+For every unit (adapter block, or single layer) in forward order:
+  inputs/targets from :class:`BlockCache` -> optimise AdaRound alphas and/or LSQ step sizes on
+  the per-sample weighted loss -> fold weights into integer codes -> checkpoint -> forward the
+  unit's cache for the next units.
+The loop never synchronises the device per iteration (no ``.item()``): losses are kept as device
+tensors every ``log_every`` iterations and read once per phase.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import PtqbenchError
+from ..interfaces import Block, BlockContext, CalibSet, ModelAdapter, RunContext, Weighting
+from .adaround import BetaSchedule
+from .block_cache import BlockCache, TensorStore, canonical_device, discover
+from .checkpoint import atomic_save, prepare_forms, weight_forms
+from .context import sampler_step
+from .lsq import ActQuantizer
+from .model import fold_weights, quant_layers, quant_meta
+from .modules import QuantLayer
+from .recon_options import ReconConfig
+
+CKPT_DIR = "reconstruction"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def per_sample_loss(out: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(N,) loss of every sample: squared error summed over channels and averaged over the
+    other elements ('channel_sum', BRECQ's lp_loss) or averaged over all ('mean')."""
+    d = (out - target).pow(2)
+    if reduction == "channel_sum" and d.dim() > 1:
+        d = d.sum(1)
+    return d.reshape(d.shape[0], -1).mean(1)
+
+
+def weighted_loss(per_sample: torch.Tensor, w: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of w_i * l_i; None = uniform, a plain mean (no extra cost)."""
+    return per_sample.mean() if w is None else (w * per_sample).mean()
+
+
+def _units(granularity: str, qmodel: nn.Module, fp_model: nn.Module,
+           adapter: ModelAdapter) -> list[tuple[str, nn.Module, nn.Module, str]]:
+    if granularity == "layer":
+        return [(n, m, fp_model.get_submodule(n), "layer") for n, m in quant_layers(qmodel)]
+    qb = adapter.blocks(qmodel)
+    fb = {b.name: b.module for b in adapter.blocks(fp_model)}
+    out = []
+    for b in qb:
+        if b.name not in fb:
+            raise PtqbenchError(f"block {b.name} of the quantized model has no FP counterpart")
+        out.append((b.name, b.module, fb[b.name], b.kind))
+    return out
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"device_peak_bytes": int(torch.cuda.max_memory_allocated(device))}
+    return {"host_peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    if not enabled:
+        yield
+        return
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _unit_seed(seed: int, name: str) -> int:
+    # independent of which units ran before: a resumed run draws the same batches
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little")
+
+
+# --------------------------------------------------------------------------------------------
+# one unit
+# --------------------------------------------------------------------------------------------
+class UnitRunner:
+    """Forward + loss of one unit, shared by the optimisation loop and ``BlockContext.forward``."""
+
+    def __init__(self, b: int, name: str, kind: str, qunit: nn.Module, fpunit: nn.Module,
+                 cache: BlockCache, cfg: ReconConfig, per_step: bool):
+        self.b, self.name, self.kind = b, name, kind
+        self.qunit, self.fpunit, self.cache, self.cfg = qunit, fpunit, cache, cfg
+        self.per_step = per_step
+        self.layers = ([qunit] if isinstance(qunit, QuantLayer)
+                       else [m for m in qunit.modules() if isinstance(m, QuantLayer)])
+        self.act_quantizers = [m for m in qunit.modules() if isinstance(m, ActQuantizer)]
+        self.fbr_pairs: list[tuple[nn.Module, nn.Module]] = []
+        if cfg.loss == "fbr" and not isinstance(qunit, QuantLayer):
+            fp_mods = dict(fpunit.named_modules())
+            for n, m in qunit.named_modules():
+                if isinstance(m, QuantLayer) and n in fp_mods:
+                    self.fbr_pairs.append((m, fp_mods[n]))
+        self._outs: dict[int, torch.Tensor] = {}
+
+    def forward(self, params: Optional[dict], leaves, step: Optional[torch.Tensor]):
+        args, kwargs = self.cache.call_args(self.b, list(leaves))
+        ctx = sampler_step(step) if (self.per_step and step is not None) else contextlib.nullcontext()
+        with ctx:
+            if params is None:
+                return self.qunit(*args, **kwargs)
+            return torch.func.functional_call(self.qunit, params, (*args,), kwargs, strict=False)
+
+    def ctx_forward(self, params: dict, inputs) -> torch.Tensor:
+        return self.forward(params, inputs, getattr(inputs, "step", None))
+
+    def _hooks(self):
+        """Forward hooks capturing inner layer outputs (FBR) on both units."""
+        handles, q_out, fp_out = [], {}, {}
+        for i, (qm, fm) in enumerate(self.fbr_pairs):
+            handles.append(qm.register_forward_hook(
+                lambda m, a, o, _i=i: q_out.__setitem__(_i, o)))
+            handles.append(fm.register_forward_hook(
+                lambda m, a, o, _i=i: fp_out.__setitem__(_i, o)))
+        return handles, q_out, fp_out
+
+    def loss(self, leaves, step, target, w, beta_t, regw_t, wquantizers, fbr_state):
+        out = self.forward(None, leaves, step)
+        per = per_sample_loss(out, target, self.cfg.loss_reduction)
+        if self.fbr_pairs:
+            _, q_out, fp_out = fbr_state
+            args, kwargs = self.cache.call_args(self.b, list(leaves))
+            with torch.no_grad(), sampler_step(step):
+                self.fpunit(*args, **kwargs)
+            inner = sum(per_sample_loss(q_out[i], fp_out[i].detach(), self.cfg.loss_reduction)
+                        for i in range(len(self.fbr_pairs)))
+            per = per + self.cfg.fbr_beta * inner
+        total = weighted_loss(per, w)
+        if wquantizers and self.cfg.round_weight > 0:
+            reg = sum(wq.regularizer(beta_t) for wq in wquantizers)
+            total = total + regw_t * reg
+        return total, per
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAdapter,
+                       calib: CalibSet, val: Optional[CalibSet], weighting: Weighting,
+                       context: RunContext, cfg: ReconConfig, name: str) -> dict:
+    device = canonical_device(context.device)
+    meta = quant_meta(qmodel)
+    per_step = meta["recipe"].get("act_params") == "per_step"
+    t_start = time.perf_counter()
+    fp_model.to(device).eval()
+    qmodel.to(device).eval()
+    units = _units(cfg.granularity, qmodel, fp_model, adapter)
+    if not units:
+        raise PtqbenchError(f"reconstructor {name!r}: the model has no units to reconstruct")
+
+    def run(model, batch: CalibSet):
+        with sampler_step(batch.step):
+            return adapter.denoise(model, batch.x, batch.t, batch.cond)
+
+    fp_units = {n: f for n, _, f, _ in units}
+    q_units = {n: q for n, q, _, _ in units}
+    infos = discover(fp_model, fp_units, run, calib, device)
+    called = {i.name for i in infos}
+    by_name = {n: (q, f, k) for n, q, f, k in units}
+    skipped = [n for n, *_ in units if n not in called]
+
+    need_q = cfg.input_source == "quantized" or cfg.qdrop > 0
+    streams = ("fp", "q") if need_q else ("fp",)
+    store = TensorStore(device, cfg.cache_on_device)
+    caches = {"calib": BlockCache(infos, calib, store, cfg.forward_batch_size, run, streams)}
+    if val is not None and len(val):
+        caches["val"] = BlockCache(infos, val, store, cfg.forward_batch_size, run, streams)
+
+    ckpt = _Checkpoints(context, name, cfg, meta, [i.name for i in infos], len(calib)) \
+        if cfg.checkpoint else None
+    results = []
+    for info in infos:
+        qunit, fpunit, kind = by_name[info.name]
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        b = info.order
+        for c in caches.values():
+            c.capture_inputs(b, "fp", fp_model, fp_units)
+            c.compute_outputs(b, "fp", fpunit)  # FP targets (and the FP stream's output)
+            if need_q:
+                c.capture_inputs(b, "q", qmodel, q_units)
+        in_stream = "q" if cfg.input_source == "quantized" else "fp"
+        runner = UnitRunner(b, info.name, kind, qunit, fpunit, caches["calib"], cfg, per_step)
+        entry = {"name": info.name, "kind": kind}
+        if ckpt is not None and ckpt.done(info.name):
+            ckpt.load(info.name, qunit)
+            entry["resumed"] = True
+        else:
+            entry.update(_reconstruct_unit(runner, caches, in_stream, weighting, cfg, context,
+                                           device, info.name, kind))
+            if ckpt is not None:
+                ckpt.save(info.name, qunit)
+        if need_q:
+            for c in caches.values():
+                if info.last_use > b:
+                    c.compute_outputs(b, "q", qunit)
+        for c in caches.values():
+            c.drop_inputs()
+            c.free_dead(b)
+        _sync(device)
+        entry["seconds"] = time.perf_counter() - t0
+        entry.update(_peak_memory(device))
+        entry["cache_bytes_device"] = store.bytes_device
+        entry["cache_bytes_host"] = store.bytes_host
+        results.append(entry)
+        context.log(f"{name}: {info.name} done in {entry['seconds']:.1f}s")
+    folded = fold_weights(qmodel)
+    return {"reconstructor": name, "options": cfg.to_dict(), "blocks": results,
+            "units_not_called": skipped, "folded_after": folded,
+            "cache_peak_bytes": store.peak_bytes, "seconds": time.perf_counter() - t_start,
+            "weighting": weighting.state()}
+
+
+def _eval_mse(runner: UnitRunner, cache: BlockCache, stream: str, n: int) -> Optional[float]:
+    if n <= 0:
+        return None
+    idx = torch.arange(min(n, len(cache)), device=cache.store.device)
+    target = cache.gather(cache.streams["fp"].outputs[runner.b], idx)
+    with torch.no_grad():
+        out = runner.forward(None, cache.input_leaves(stream, idx), cache.step[idx])
+    return float((out - target).pow(2).mean())
+
+
+def _reconstruct_unit(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weighting,
+                      cfg: ReconConfig, context: RunContext, device: torch.device,
+                      name: str, kind: str) -> dict:
+    calib = caches["calib"]
+    wqs = [wq for layer in runner.layers for wq in (layer.weight_quantizers or [])
+           if wq.form == "rtn"]
+    aqs = runner.act_quantizers if cfg.learn_act else []
+    entry: dict[str, Any] = {"mse_before": _eval_mse(runner, calib, in_stream, cfg.eval_samples)}
+    phases = []
+    if cfg.mode == "joint":
+        if (wqs or aqs) and cfg.iters_w > 0:
+            phases.append(("joint", wqs, aqs, cfg.iters_w))
+    else:
+        if wqs and cfg.iters_w > 0:
+            phases.append(("weights", wqs, [], cfg.iters_w))
+        if aqs and cfg.iters_a > 0:
+            phases.append(("activations", [], aqs, cfg.iters_a))
+    seed = _unit_seed(context.seed, name)
+    entry["phases"] = []
+    for pi, (phase, pw, pa, iters) in enumerate(phases):
+        if phase == "activations":
+            for wq in wqs:  # sequential: weights are final before step sizes are learned
+                wq.fold()
+        entry["phases"].append(_optimize(runner, caches, in_stream, weighting, cfg, device,
+                                         phase, pw, pa, iters, seed + pi))
+    for layer in runner.layers:
+        for wq in layer.weight_quantizers or []:
+            wq.fold()
+        layer.clear_cache()
+    entry["mse_after"] = _eval_mse(runner, calib, in_stream, cfg.eval_samples)
+    return entry
+
+
+def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weighting,
+              cfg: ReconConfig, device: torch.device, phase: str, wqs: list, aqs: list,
+              iters: int, seed: int) -> dict:
+    calib = caches["calib"]
+    val = caches.get("val")
+    qunit = runner.qunit
+    for wq in wqs:
+        wq.to_adaround()
+    # sequential weight phase: activations of this unit stay FP (Q-Diffusion's weight pass)
+    act_on = phase != "weights"
+    for q in runner.act_quantizers:
+        q.enabled = act_on
+        q.lsq_grad_scale = cfg.lsq_grad_scale
+    alphas = [wq.alpha for wq in wqs]
+    scales = [q.scale for q in aqs] if act_on else []
+    if not alphas and not scales:
+        return {"phase": phase, "iterations": 0}
+    names = {id(p): n for n, p in qunit.named_parameters()}
+    params = {names[id(p)]: p for p in alphas + scales}
+    target_all = calib.streams["fp"].outputs[runner.b]
+    ctx = BlockContext(
+        block=Block(runner.name, qunit, runner.kind),
+        params=params, forward=runner.ctx_forward,
+        calib_inputs=lambda idx: calib.block_inputs(in_stream, idx),
+        calib_targets=lambda idx: calib.gather(target_all, idx),
+        calib_t=calib.t, calib_step=calib.step,
+        val_inputs=None if val is None else (lambda idx: val.block_inputs(in_stream, idx)),
+        val_targets=None if val is None else
+        (lambda idx: val.gather(val.streams["fp"].outputs[runner.b], idx)),
+        val_t=None if val is None else val.t, val_step=None if val is None else val.step,
+        inner_lr=cfg.lr_w if alphas else cfg.lr_a, iterations=iters, batch_size=cfg.batch_size)
+    ctx.phase = phase  # extra attribute: 'weights', 'activations' or 'joint'
+    loop = _Loop(runner, calib, in_stream, cfg, device, wqs, alphas, scales, iters, seed,
+                 target_all)
+    graphed = loop.graphable(weighting)
+    for p in alphas + scales:
+        p.requires_grad_(True)
+    weighting.begin_block(ctx)
+    try:
+        with _tf32(cfg.tf32 and device.type == "cuda"):
+            if graphed:
+                try:
+                    loop.run_graphed()
+                except RuntimeError:
+                    if loop.graph_weighting is None:
+                        raise
+                    # a weighting's gather that cannot be captured: redo the phase eagerly
+                    graphed, loop.graph, loop.losses = False, None, []
+                    loop.run_eager(weighting, ctx)
+            else:
+                loop.run_eager(weighting, ctx)
+    finally:
+        loop.close()
+        for p in alphas + scales:
+            p.requires_grad_(False)
+        for q in runner.act_quantizers:
+            q.enabled = True
+            q.lsq_grad_scale = False
+        weighting.end_block(ctx)
+    return {"phase": phase, "iterations": iters, "seconds": loop.seconds,
+            "iters_per_s": iters / loop.seconds if loop.seconds > 0 else None,
+            "steady_iters_per_s": loop.steady_rate(),
+            "loss": [[i, float(v)] for i, v in loop.losses],
+            "params": {"alphas": sum(p.numel() for p in alphas),
+                       "step_sizes": sum(p.numel() for p in scales)},
+            "path": "cuda_graph" if graphed else ("compiled" if loop.compiled else "eager")}
+
+
+class _Loop:
+    """The optimisation iterations of one phase, eager or as one replayed CUDA graph.
+
+    Both draw the same batches (per-iteration randperm from the phase's generator) and compute
+    the same loss; the graph path additionally needs every cached tensor on the device and a
+    weighting that either neither weights nor observes (uniform) or declares ``graph_safe``
+    (its weights(idx) only gathers from device buffers it updates in place), since the whole
+    step - gather, weights, forward, loss, backward, Adam, step-size projection - is replayed
+    without returning to Python.
+    """
+
+    WARMUP = 3  # iterations run eagerly on a side stream before capture (CUDA graph rule)
+    STEADY_FROM = 10
+
+    def __init__(self, runner, calib, in_stream, cfg, device, wqs, alphas, scales, iters, seed,
+                 target_all):
+        self.runner, self.calib, self.in_stream, self.cfg = runner, calib, in_stream, cfg
+        self.device, self.wqs, self.alphas, self.scales = device, wqs, alphas, scales
+        self.iters, self.target_all = iters, target_all
+        self.n = len(calib)
+        self.graph_weighting = None  # a graph-safe weighting whose weights(idx) is captured
+        # batch indices live where the cache lives: a host (pinned) cache is gathered with CPU
+        # indices, so no device->host copy (a sync) is needed per iteration
+        needed = [t for t in calib.inputs.get(in_stream, []) if t is not None] + [target_all]
+        if cfg.qdrop > 0:
+            needed += [t for t in calib.inputs.get("fp", []) if t is not None]
+        self.on_device = all(t.device == device for t in needed)
+        self.idx_device = device if self.on_device else torch.device("cpu")
+        self.gen = torch.Generator(device=self.idx_device).manual_seed(seed)
+        self.floors = [s.detach() * cfg.step_floor for s in scales]
+        self.beta_sched = BetaSchedule(iters, cfg.beta_start, cfg.beta_end, cfg.warmup)
+        self.beta_t = torch.tensor(cfg.beta_start, device=device)
+        self.regw_t = torch.tensor(0.0, device=device)
+        self.lambdas = []
+        self.groups = []
+        if alphas:
+            self.groups.append({"params": alphas, "lr": cfg.lr_w})
+            self.lambdas.append(_schedule(cfg.lr_w_schedule, iters))
+        if scales:
+            self.groups.append({"params": scales, "lr": cfg.lr_a})
+            self.lambdas.append(_schedule(cfg.lr_a_schedule, iters))
+        self.handles, q_out, fp_out = runner._hooks()
+        self.fbr_state = (self.handles, q_out, fp_out)
+        self.loss_fn = _maybe_compile(runner.loss, cfg, device, runner)
+        self.compiled = self.loss_fn != runner.loss  # bound methods: compare, not identity
+        self.losses: list = []
+        self.seconds = 0.0
+        self._steady = None
+        self.graph = None
+
+    # ---- shared pieces ------------------------------------------------------------------
+    def _indices(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.gen,
+                              device=self.idx_device)[:self.cfg.batch_size]
+
+    def _set_schedules(self, it: int, lr_tensors=None, opt=None) -> None:
+        beta, reg_on = self.beta_sched(it)
+        self.beta_t.fill_(beta)
+        self.regw_t.fill_(self.cfg.round_weight if reg_on else 0.0)
+        if lr_tensors is not None:
+            for t, g, lam in zip(lr_tensors, self.groups, self.lambdas):
+                t.fill_(g["lr"] * lam(it))
+
+    def _batch(self, idx, rand=None):
+        calib = self.calib
+        leaves = calib.input_leaves(self.in_stream, idx)
+        if self.cfg.qdrop > 0:  # QDrop: take each input element from the FP stream w.p. qdrop
+            fpl = calib.input_leaves("fp", idx)
+            leaves = [torch.where(rand(q) < self.cfg.qdrop, f, q) for q, f in zip(leaves, fpl)]
+        return leaves, calib.gather(self.target_all, idx), calib.step[idx.to(calib.step.device)]
+
+    def _project(self) -> None:
+        if self.floors:
+            with torch.no_grad():
+                torch._foreach_maximum_(self.scales, self.floors)
+
+    def steady_rate(self):
+        return self._steady
+
+    # ---- eager --------------------------------------------------------------------------
+    def run_eager(self, weighting: Weighting, ctx: BlockContext) -> None:
+        opt = torch.optim.Adam(self.groups, **({"fused": True} if self.device.type == "cuda"
+                                               else {}))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lambdas)
+        rand = (lambda q: torch.rand(q.shape, generator=self.gen,
+                                     device=self.idx_device).to(q.device))
+        _sync(self.device)
+        t0 = time.perf_counter()
+        t_mark = None
+        for it in range(self.iters):
+            if it == self.STEADY_FROM:
+                _sync(self.device)  # one sync per phase, for the steady-state rate
+                t_mark = time.perf_counter()
+            idx = self._indices()
+            leaves, target, step = self._batch(idx, rand)
+            self._set_schedules(it)
+            w = weighting.weights(idx)
+            if w is not None:
+                w = w.to(self.device)
+            total, per = self.loss_fn(leaves, step, target, w, self.beta_t, self.regw_t,
+                                      self.wqs, self.fbr_state)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            self._project()
+            sched.step()
+            weighting.observe(it, idx, per.detach(), ctx)
+            if it % self.cfg.log_every == 0 or it == self.iters - 1:
+                self.losses.append((it, per.detach().mean()))
+        _sync(self.device)
+        t1 = time.perf_counter()
+        self.seconds = t1 - t0
+        if t_mark is not None and self.iters > self.STEADY_FROM:
+            self._steady = (self.iters - self.STEADY_FROM) / max(t1 - t_mark, 1e-12)
+
+    # ---- CUDA graph ---------------------------------------------------------------------
+    def graphable(self, weighting: Weighting) -> bool:
+        cfg = self.cfg
+        want = cfg.cuda_graph is True or (cfg.cuda_graph == "auto" and self.device.type == "cuda")
+        if not want or self.device.type != "cuda" or self.iters <= self.WARMUP + 1:
+            return False
+        if getattr(weighting, "graph_safe", False):
+            # weights(idx) gathers from device buffers updated in place: capture it too
+            self.graph_weighting = weighting
+            return self.on_device
+        if type(weighting).observe is not Weighting.observe:
+            return False
+        probe = torch.arange(min(2, self.n), device=self.device)
+        if weighting.weights(probe) is not None:
+            return False
+        return self.on_device
+
+    def run_graphed(self) -> None:
+        lr_tensors = [torch.tensor(float(g["lr"]), device=self.device) for g in self.groups]
+        groups = [{"params": g["params"], "lr": t} for g, t in zip(self.groups, lr_tensors)]
+        opt = torch.optim.Adam(groups, capturable=True, foreach=True)
+        all_idx = torch.stack([self._indices() for _ in range(self.iters)])
+        static_idx = all_idx[0].clone()
+        rand = torch.rand_like  # default CUDA generator: graph-safe
+
+        weighting = self.graph_weighting
+
+        def step():
+            leaves, target, stp = self._batch(static_idx, rand)
+            w = None if weighting is None else weighting.weights(static_idx)
+            total, per = self.loss_fn(leaves, stp, target, w, self.beta_t, self.regw_t,
+                                      self.wqs, self.fbr_state)
+            total.backward()
+            opt.step()
+            self._project()
+            return per.detach().mean()
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for it in range(self.WARMUP):  # real iterations, run eagerly before capture
+                static_idx.copy_(all_idx[it])
+                self._set_schedules(it, [t for t in lr_tensors])
+                opt.zero_grad(set_to_none=True)
+                mean = step()
+                if it % self.cfg.log_every == 0:
+                    self.losses.append((it, mean.clone()))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            static_mean = step()
+        t_mark = None
+        for it in range(self.WARMUP, self.iters):
+            if it == self.STEADY_FROM:
+                _sync(self.device)
+                t_mark = time.perf_counter()
+            static_idx.copy_(all_idx[it])
+            self._set_schedules(it, lr_tensors)
+            self.graph.replay()
+            if it % self.cfg.log_every == 0 or it == self.iters - 1:
+                self.losses.append((it, static_mean.clone()))
+        _sync(self.device)
+        t1 = time.perf_counter()
+        self.seconds = t1 - t0
+        if t_mark is not None:
+            self._steady = (self.iters - self.STEADY_FROM) / max(t1 - t_mark, 1e-12)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.graph = None
+
+
+def _schedule(kind: str, iters: int) -> Callable[[int], float]:
+    import math
+
+    if kind == "cosine":  # CosineAnnealingLR(T_max=iters, eta_min=0)
+        return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, iters) / max(iters, 1)))
+    return lambda it: 1.0
+
+
+def _maybe_compile(fn, cfg: ReconConfig, device: torch.device, runner: UnitRunner):
+    use = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    if not use or (runner.per_step and any(q.num_steps > 1 for q in runner.act_quantizers)):
+        return fn
+    # every block is a new module behind the same code object: allow one compilation each
+    import torch._dynamo
+
+    dcfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                "accumulated_cache_size_limit"):
+        if hasattr(dcfg, key):
+            setattr(dcfg, key, max(getattr(dcfg, key), 4096))
+    compiled = torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                             dynamic=False)
+    state = {"ok": None}
+
+    def call(*args):
+        if state["ok"] is False:
+            return fn(*args)
+        try:
+            out = compiled(*args)
+            state["ok"] = True
+            return out
+        except Exception:  # a block torch.compile cannot handle still reconstructs eagerly
+            if state["ok"]:
+                raise
+            state["ok"] = False
+            return fn(*args)
+    call.compiled = compiled
+    return call
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+class _Checkpoints:
+    """One file per finished unit under work_dir/reconstruction, plus a fingerprint of the run;
+    a stale folder (other options/recipe/data) is cleared rather than resumed from."""
+
+    def __init__(self, context: RunContext, name: str, cfg: ReconConfig, meta: dict,
+                 unit_names: list[str], n_calib: int):
+        self.dir = Path(context.work_dir) / CKPT_DIR
+        # options that only change speed do not invalidate finished blocks
+        speed_only = ("compile", "compile_mode", "cuda_graph", "tf32", "cache_on_device",
+                      "forward_batch_size", "log_every", "eval_samples", "checkpoint")
+        options = {k: v for k, v in cfg.to_dict().items() if k not in speed_only}
+        fp = {"reconstructor": name, "options": options, "recipe": meta["recipe"],
+              "units": unit_names, "n_calib": n_calib, "seed": context.seed}
+        self.fingerprint = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str)
+                                          .encode()).hexdigest()
+        self.index = {n: i for i, n in enumerate(unit_names)}
+        fpfile = self.dir / "fingerprint.json"
+        if self.dir.exists():
+            old = json.loads(fpfile.read_text()).get("sha256") if fpfile.exists() else None
+            if old != self.fingerprint:
+                for f in self.dir.glob("unit_*.pt"):
+                    f.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fpfile.write_text(json.dumps({"sha256": self.fingerprint, "config": fp}, default=str))
+
+    def _path(self, name: str) -> Path:
+        return self.dir / f"unit_{self.index[name]:04d}.pt"
+
+    def done(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def save(self, name: str, unit: nn.Module) -> None:
+        atomic_save({"name": name, "forms": weight_forms_of(unit),
+                     "state": {k: v.detach().cpu() for k, v in unit.state_dict().items()}},
+                    self._path(name))
+
+    def load(self, name: str, unit: nn.Module) -> None:
+        data = torch.load(self._path(name), map_location="cpu", weights_only=True)
+        if data.get("name") != name:
+            raise PtqbenchError(f"checkpoint {self._path(name)} belongs to {data.get('name')}")
+        prepare_forms(unit, data["forms"])
+        unit.load_state_dict(data["state"], strict=True)
+        unit.requires_grad_(False)
+        for m in unit.modules():
+            if isinstance(m, QuantLayer):
+                m.clear_cache()
+
+
+def weight_forms_of(unit: nn.Module) -> dict[str, str]:
+    if isinstance(unit, QuantLayer):
+        return {f"weight_quantizers.{i}": wq.form
+                for i, wq in enumerate(unit.weight_quantizers or [])}
+    return weight_forms(unit)
