@@ -168,6 +168,11 @@ class Weighting(Plugin, ABC):
     no extra cost). Strategies that learn override ``begin_block`` / ``observe``.
     """
 
+    #: True when ``weights(idx)`` only gathers from device tensors that the strategy updates in
+    #: place and ``observe`` does nothing per iteration: the reconstruction loop may then
+    #: replay its whole step, weights included, as one CUDA graph.
+    graph_safe: bool = False
+
     def prepare(self, calib: CalibSet, val: Optional[CalibSet], context: "RunContext") -> None:
         """Called once, before any block, with the full calibration and validation sets."""
 

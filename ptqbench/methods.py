@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "eda-dm": {
         "description": "EDA-DM: TDAC calibration selection + fine-grained block reconstruction",
         "selector": "tdac", "selector_options": {"num_samples": 1024, "radius": 3.0, "lam": 1.2},
-        "weighting": "uniform", "reconstructor": "fbr", "recipe": {},
+        "weighting": "uniform", "reconstructor": "fbr", "recipe": {"split_shortcut": True},
     },
     "gac": {
         "description": "Gradient-aligned calibration: learned per-sample weights (bilevel, "

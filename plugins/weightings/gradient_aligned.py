@@ -244,6 +244,12 @@ class GradientAligned(Weighting):
             else:
                 self._w.copy_(w)
 
+    @property
+    def graph_safe(self) -> bool:
+        # weights() gathers from self._w, refreshed in place; only the alternating variant
+        # does work per iteration
+        return not self.alternate
+
     def observe(self, iteration, idx, per_sample_loss, ctx) -> None:
         if self._every and self._done < self._total and iteration % self._every == 0:
             self._meta_step(ctx, idx)

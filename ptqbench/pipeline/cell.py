@@ -163,7 +163,11 @@ class CellRunner:
 
         m = cell.resolved
         bits = cell.bits
-        recipe = QuantRecipe.from_options(bits=bits, **m.recipe)
+        recipe_options = dict(m.recipe)
+        if recipe_options.get("act_params") == "per_step":
+            # per-timestep activation parameters: one set per step of this cell's sampler
+            recipe_options.setdefault("sampler_steps", spec.steps)
+        recipe = QuantRecipe.from_options(bits=bits, **recipe_options)
         work = self.store.work_dir(cell.quant_key)
         saved = work / "qmodel.pt"
         if saved.exists():  # an earlier run finished calibration: reuse it
