@@ -7,30 +7,18 @@ activation learning for 5000 iterations, lr_w 0.5 and lr_a 5e-4 both cosine-anne
 add_loss (fbr_beta) 0.8, QDrop input mixing with probability 0.5, and no rounding regulariser
 (its LossFunction is built with round_loss='none'; rounding is hardened at alpha >= 0).
 """
-from __future__ import annotations
-
-from ptqbench import Reconstructor, hookimpl
-from ptqbench.quant.recon_options import ReconConfig
-from ptqbench.quant.reconstruction import reconstruct_blocks
-
-DEFAULTS = {"granularity": "block", "loss": "fbr", "mode": "joint", "iters_w": 5000,
-            "lr_w": 0.5, "lr_a": 5e-4, "lr_w_schedule": "cosine", "lr_a_schedule": "cosine",
-            "batch_size": 32, "round_weight": 0.0, "beta_start": 20.0, "beta_end": 2.0,
-            "warmup": 0.2, "qdrop": 0.5, "fbr_beta": 0.8, "input_source": "quantized"}
+from ptqbench import hookimpl
+from ptqbench.quant.reconstruction import ReconstructionPlugin
 
 
-class FBR(Reconstructor):
+class FBR(ReconstructionPlugin):
     name = "fbr"
     description = "EDA-DM fine-grained block reconstruction (block + inner-layer losses)"
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.config = ReconConfig.from_options(self.name, DEFAULTS, options,
-                                               fixed=("granularity", "loss"))
-
-    def reconstruct(self, fp_model, qmodel, adapter, calib, val, weighting, context) -> dict:
-        return reconstruct_blocks(fp_model, qmodel, adapter, calib, val, weighting, context,
-                                  self.config, self.name)
+    defaults = {"granularity": "block", "loss": "fbr", "mode": "joint", "iters_w": 5000,
+                "lr_w": 0.5, "lr_a": 5e-4, "lr_w_schedule": "cosine", "lr_a_schedule": "cosine",
+                "batch_size": 32, "round_weight": 0.0, "beta_start": 20.0, "beta_end": 2.0,
+                "warmup": 0.2, "qdrop": 0.5, "fbr_beta": 0.8, "input_source": "quantized"}
+    fixed = ("granularity", "loss")
 
 
 @hookimpl

@@ -155,3 +155,10 @@ def _check(plugin: str, k: str, v: Any) -> None:
         _err(plugin, k, "> 0", v)
     if k in ("warmup", "qdrop", "step_floor") and not 0 <= v < 1:
         _err(plugin, k, "in [0, 1)", v)
+
+
+#: Q-Diffusion's (BRECQ engine) calibration defaults, shared by the brecq and adaround plugins
+QDIFFUSION_DEFAULTS = {"granularity": "block", "mode": "sequential", "iters_w": 20000,
+                       "iters_a": 5000, "lr_w": 1e-3, "lr_a": 4e-4, "batch_size": 32,
+                       "round_weight": 0.01, "beta_start": 20.0, "beta_end": 2.0, "warmup": 0.2,
+                       "input_source": "quantized"}

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import PtqbenchError
-from ..interfaces import Block, BlockContext, CalibSet, ModelAdapter, RunContext, Weighting
+from ..interfaces import (Block, BlockContext, CalibSet, ModelAdapter, Reconstructor, RunContext,
+                          Weighting)
 from .adaround import BetaSchedule
 from .block_cache import BlockCache, TensorStore, canonical_device, discover
 from .checkpoint import atomic_save, prepare_forms, weight_forms
@@ -634,3 +635,19 @@ def weight_forms_of(unit: nn.Module) -> dict[str, str]:
         return {f"weight_quantizers.{i}": wq.form
                 for i, wq in enumerate(unit.weight_quantizers or [])}
     return weight_forms(unit)
+
+
+class ReconstructionPlugin(Reconstructor):
+    """Base of the reconstructor plugins that run :func:`reconstruct_blocks`: a subclass names
+    its ``defaults`` (preset values of ReconConfig) and the options a suite may not change."""
+
+    defaults: dict = {}
+    fixed: tuple = ()
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.config = ReconConfig.from_options(self.name, self.defaults, options, fixed=self.fixed)
+
+    def reconstruct(self, fp_model, qmodel, adapter, calib, val, weighting, context) -> dict:
+        return reconstruct_blocks(fp_model, qmodel, adapter, calib, val, weighting, context,
+                                  self.config, self.name)
