@@ -33,12 +33,18 @@ class Reporter:
 
     @contextlib.contextmanager
     def task(self, description: str, total: Optional[int] = None) -> Iterator:
+        """Yields ``advance(n=1, description=None)``; the bar disappears when the stage ends."""
         if self._progress is None:
-            yield lambda n=1: None
+            yield lambda n=1, description=None: None
             return
         tid = self._progress.add_task(description, total=total)
+
+        def advance(n=1, description=None):
+            self._progress.update(tid, advance=n, **({"description": description}
+                                                     if description else {}))
+
         try:
-            yield lambda n=1: self._progress.advance(tid, n)
+            yield advance
         finally:
             self._progress.remove_task(tid)
 

@@ -194,42 +194,47 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAda
     ckpt = _Checkpoints(context, name, cfg, meta, [i.name for i in infos], len(calib)) \
         if cfg.checkpoint else None
     results = []
-    for info in infos:
-        qunit, fpunit, kind = by_name[info.name]
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        b = info.order
-        for c in caches.values():
-            c.capture_inputs(b, "fp", fp_model, fp_units)
-            c.compute_outputs(b, "fp", fpunit)  # FP targets (and the FP stream's output)
-            if need_q:
-                c.capture_inputs(b, "q", qmodel, q_units)
-        in_stream = "q" if cfg.input_source == "quantized" else "fp"
-        runner = UnitRunner(b, info.name, kind, qunit, fpunit, caches["calib"], cfg, per_step)
-        entry = {"name": info.name, "kind": kind}
-        if ckpt is not None and ckpt.done(info.name):
-            ckpt.load(info.name, qunit)
-            entry["resumed"] = True
-        else:
-            entry.update(_reconstruct_unit(runner, caches, in_stream, weighting, cfg, context,
-                                           device, info.name, kind))
-            if ckpt is not None:
-                ckpt.save(info.name, qunit)
-        if need_q:
+    reporter = context.progress if hasattr(context.progress, "task") else None
+    bar = (reporter.task(f"{name} reconstruction", total=len(infos)) if reporter
+           else contextlib.nullcontext(lambda n=1, description=None: None))
+    with bar as advance:
+        for info in infos:
+            advance(0, description=f"{name}: {info.name}")
+            qunit, fpunit, kind = by_name[info.name]
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            b = info.order
             for c in caches.values():
-                if info.last_use > b:
-                    c.compute_outputs(b, "q", qunit)
-        for c in caches.values():
-            c.drop_inputs()
-            c.free_dead(b)
-        _sync(device)
-        entry["seconds"] = time.perf_counter() - t0
-        entry.update(_peak_memory(device))
-        entry["cache_bytes_device"] = store.bytes_device
-        entry["cache_bytes_host"] = store.bytes_host
-        results.append(entry)
-        context.log(f"{name}: {info.name} done in {entry['seconds']:.1f}s")
+                c.capture_inputs(b, "fp", fp_model, fp_units)
+                c.compute_outputs(b, "fp", fpunit)  # FP targets (and the FP stream's output)
+                if need_q:
+                    c.capture_inputs(b, "q", qmodel, q_units)
+            in_stream = "q" if cfg.input_source == "quantized" else "fp"
+            runner = UnitRunner(b, info.name, kind, qunit, fpunit, caches["calib"], cfg, per_step)
+            entry = {"name": info.name, "kind": kind}
+            if ckpt is not None and ckpt.done(info.name):
+                ckpt.load(info.name, qunit)
+                entry["resumed"] = True
+            else:
+                entry.update(_reconstruct_unit(runner, caches, in_stream, weighting, cfg, context,
+                                               device, info.name, kind))
+                if ckpt is not None:
+                    ckpt.save(info.name, qunit)
+            if need_q:
+                for c in caches.values():
+                    if info.last_use > b:
+                        c.compute_outputs(b, "q", qunit)
+            for c in caches.values():
+                c.drop_inputs()
+                c.free_dead(b)
+            _sync(device)
+            entry["seconds"] = time.perf_counter() - t0
+            entry.update(_peak_memory(device))
+            entry["cache_bytes_device"] = store.bytes_device
+            entry["cache_bytes_host"] = store.bytes_host
+            results.append(entry)
+            advance(1)
     folded = fold_weights(qmodel)
     return {"reconstructor": name, "options": cfg.to_dict(), "blocks": results,
             "units_not_called": skipped, "folded_after": folded,
