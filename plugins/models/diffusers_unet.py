@@ -55,23 +55,33 @@ class DiffusersUNet(ModelAdapter):
         self._config: Optional[dict] = None
         from diffusers import DDPMScheduler
 
-        try:
-            sched = DDPMScheduler.from_pretrained(self.path, subfolder=subfolder_scheduler,
-                                                  revision=revision)
-        except Exception as exc:
-            raise PtqbenchError(f"cannot load scheduler of {path!r}: {exc}") from exc
+        sched = self._from_pretrained(DDPMScheduler, subfolder_scheduler, "scheduler")
         self.scheduler_config = dict(sched.config)
+
+    def _from_pretrained(self, cls, subfolder: str, what: str, **kwargs):
+        """Pipeline layout (``unet/``, ``scheduler/``) first, then the folder itself: hub repos
+        such as google/ddpm-cifar10-32 keep the UNet and scheduler configs at their root."""
+        local = Path(self.path)
+        if local.is_dir() and not (local / subfolder).is_dir():
+            attempts = [None]
+        else:
+            attempts = [subfolder, None]
+        errors = []
+        for sub in attempts:
+            try:
+                return cls.from_pretrained(self.path, subfolder=sub, revision=self.revision,
+                                           **kwargs)
+            except Exception as exc:  # diffusers raises OSError/EnvironmentError/ValueError
+                errors.append(f"{sub or '.'}: {exc}")
+        raise PtqbenchError(f"cannot load the {what} of {self.path!r}: " + " | ".join(errors))
 
     # ---- loading ------------------------------------------------------------------------
     def _load_cpu(self) -> nn.Module:
         from diffusers import UNet2DModel
 
-        try:
-            # low_cpu_mem_usage=False: same result, and no nagging about `accelerate`
-            return UNet2DModel.from_pretrained(self.path, subfolder=self.subfolder_unet,
-                                               revision=self.revision, low_cpu_mem_usage=False)
-        except Exception as exc:
-            raise PtqbenchError(f"cannot load UNet2DModel from {self.path!r}: {exc}") from exc
+        # low_cpu_mem_usage=False: same result, and no nagging about `accelerate`
+        return self._from_pretrained(UNet2DModel, self.subfolder_unet, "UNet2DModel",
+                                     low_cpu_mem_usage=False)
 
     def load(self, device: torch.device) -> nn.Module:
         # Load from disk once; later calls copy the cached weights (cells reuse the model).
@@ -144,6 +154,8 @@ class DiffusersUNet(ModelAdapter):
     def identity(self) -> dict:
         info = {"plugin": self.name, "path": self.path}
         folder = Path(self.path) / self.subfolder_unet
+        if not folder.is_dir():
+            folder = Path(self.path)  # flat layout (hub DDPM repos) or a hub id (not a folder)
         if folder.is_dir():
             # Content hash of the weights so that a retrained model never reuses stale caches.
             h = hashlib.sha256()
