@@ -60,7 +60,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "gradient matching across timestep groups) during BRECQ",
         "selector": "uniform-steps",
         "selector_options": {"steps": 20, "per_step": 256, "validation_fraction": 0.05},
-        "weighting": "gradient-aligned", "reconstructor": "brecq", "recipe": {},
+        # the qdiffusion recipe, so that gac and qdiffusion differ only in the weighting
+        "weighting": "gradient-aligned", "reconstructor": "brecq",
+        "recipe": {"split_shortcut": True, "quantize_attention": True},
     },
 }
 

@@ -40,6 +40,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         row["calibration_seconds"] = sum(v for k, v in calib.items()
                                          if k in ("trajectories", "select", "quantize", "reconstruct"))
         row["num_samples"] = r.get("num_samples")
+        row["finished"] = r.get("finished") or ""
         for name, v in (r.get("metrics") or {}).items():
             row[name] = v.get("value")
             ci = v.get("ci")
@@ -63,6 +64,10 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
     comes first, then each bit-width's rows sorted by the sort metric; ``same_as_best`` marks
     rows whose CI overlaps the best row's of their bit-width (difference not significant)."""
     ok = df[df["status"] == "ok"].copy() if "status" in df else df.copy()
+    # a method redefined in the suite leaves its older records in the folder: the newest record
+    # of each (model, sampler, bits, method, seed) is the one that counts
+    if "finished" in ok:
+        ok = ok.sort_values("finished").drop_duplicates(KEYS + ["seed"], keep="last")
     for col, allowed in (("model", models), ("bits", bits), ("method", methods)):
         if allowed:
             ok = ok[ok[col].isin(list(allowed)) | ((col == "bits") & (ok["method"] == "fp"))]

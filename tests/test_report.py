@@ -77,3 +77,15 @@ def test_plot(results, tmp_path):
     out = CliRunner().invoke(cli, ["report", str(results), "--plot", str(target), "--format", "csv"])
     assert out.exit_code == 0, out.output
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_newest_record_of_a_cell_wins(tmp_path):
+    store = Store(tmp_path)
+    old = rec("rtn", "W4A8", 0.5, [0.4, 0.6])
+    old["finished"] = "2026-01-01T00:00:00"
+    new = rec("rtn", "W4A8", 0.1, [0.09, 0.11])
+    new["finished"] = "2026-02-01T00:00:00"
+    store.write_record("old", old)
+    store.write_record("new", new)
+    board = leaderboard(records_frame(load_records(tmp_path)))
+    assert board["paired_mse"].tolist() == [0.1]
