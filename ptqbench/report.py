@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import pandas as pd
 
 from .errors import PtqbenchError
+from .metrics.significance import not_significantly_different
 from .store import Store
 
 KEYS = ["model", "sampler", "bits", "method"]
@@ -62,7 +63,8 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
     """One row per (model, sampler, bits, method) over finished cells; seeds are averaged (the
     CI shown is then the mean of the per-seed CIs). Per (model, sampler) the FP reference row
     comes first, then each bit-width's rows sorted by the sort metric; ``same_as_best`` marks
-    rows whose CI overlaps the best row's of their bit-width (difference not significant)."""
+    rows not significantly different from the best row of their bit-width (95% intervals,
+    rule in ptqbench.metrics.significance)."""
     ok = df[df["status"] == "ok"].copy() if "status" in df else df.copy()
     # a method redefined in the suite leaves its older records in the folder: the newest record
     # of each (model, sampler, bits, method, seed) is the one that counts
@@ -104,11 +106,15 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
 
 
 def _overlap(row, best, metric: str) -> bool:
+    """Not significantly different from the best row (rule: ptqbench.metrics.significance)."""
+    return not_significantly_different(_value_dict(row, metric), _value_dict(best, metric))
+
+
+def _value_dict(row, metric: str) -> dict:
     lo, hi = row.get(f"{metric}__lo"), row.get(f"{metric}__hi")
-    blo, bhi = best.get(f"{metric}__lo"), best.get(f"{metric}__hi")
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi, blo, bhi)):
-        return False
-    return lo <= bhi and blo <= hi
+    ci = None if lo is None or hi is None or pd.isna(lo) or pd.isna(hi) else [lo, hi]
+    v = row.get(metric)
+    return {"value": None if v is None or pd.isna(v) else float(v), "ci": ci}
 
 
 def _fmt(row, metric: str) -> str:
@@ -158,9 +164,9 @@ def to_markdown(board: pd.DataFrame) -> str:
     header, rows = display_table(board)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    note = ("\n± is the half-width of the 95% confidence interval; ≈ marks rows whose interval "
-            "overlaps the best row's of the same model, sampler and bit-width (difference not "
-            "significant).\n")
+    note = ("\n± is the half-width of the 95% confidence interval; ≈ marks rows not significantly "
+            "different from the best row of the same model, sampler and bit-width "
+            "(|a - b| <= sqrt(h_a^2 + h_b^2)).\n")
     return "\n".join(lines) + "\n" + note
 
 
