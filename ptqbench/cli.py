@@ -61,12 +61,11 @@ def run(suite, dry_run, output, device, retry_failed, no_progress):
         loaded, _, cells = prepare(suite)
         out = Path(output or loaded.suite.suite.output)
         store = Store(out)
-        console.print(f"suite [bold]{loaded.suite.suite.name}[/bold] ({loaded.file}): "
-                      f"{len(cells)} cells -> {out}")
+        click.echo(f"suite {loaded.suite.suite.name} ({loaded.file}): {len(cells)} cells -> {out}")
         for cell in cells:
             rec = store.read_record(cell.key)
             state = "new" if rec is None else rec.get("status", "?")
-            console.print(f"  {cell.key}  {cell.title()}  [{state}]", highlight=False)
+            click.echo(f"  {cell.key}  {cell.title()}  [{state}]")
         return
     with Reporter(enabled=not no_progress) as reporter:
         summary = run_suite(suite, output=output, reporter=reporter, rerun_failed=retry_failed,

@@ -121,3 +121,29 @@ def test_dry_run_prints_expanded_cells(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 cells" in result.output  # fp once, rtn at two bit-widths
     assert "W4A8 | rtn" in result.output and "FP | fp" in result.output
+
+
+@pytest.mark.parametrize("table,key,reason", [
+    ('reconstructor_options = { iterz = 3 }', "methods.x.reconstructor_options", "iterz"),
+    ('recipe = { weight_init = "magic" }', "methods.x.recipe", "weight_init"),
+    ('selector_options = { per_step = -1 }', "methods.x.selector_options", "per_step"),
+])
+def test_bad_plugin_options_fail_before_work(tmp_path, table, key, reason):
+    text = GOOD.replace('methods = ["fp", "rtn"]', 'methods = ["fp", "x"]')
+    text += f'\n[methods.x]\npreset = "brecq"\n{table}\n'
+    with pytest.raises(SuiteError) as info:
+        prepare(write(tmp_path, text))
+    assert info.value.key == key
+    assert reason in info.value.reason
+
+
+def test_readme_suite_example_is_valid(tmp_path):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Suites"):readme.index("## Metrics")]
+    (block,) = re.findall(r"```toml\n(.*?)```", section, re.S)
+    (tmp_path / "base.toml").write_text("")
+    (tmp_path / "my_weighting.py").write_text("")
+    loaded, _, cells = prepare(write(tmp_path, block))
+    assert len(cells) == 1 + 3 * 3  # fp once, three quantized methods at three bit-widths

@@ -139,6 +139,40 @@ def check_plugins(loaded: LoadedSuite, registry) -> None:
     need("executors", s.run.executor, "run.executor")
     if not s.grid.bits and any(not resolve(m, s.methods.get(m)).is_fp for m in s.grid.methods):
         raise SuiteError(file, "grid.bits", "empty: quantized methods need at least one bit-width")
+    check_options(loaded, registry)
+
+
+def check_options(loaded: LoadedSuite, registry) -> None:
+    """Build every selector, weighting, reconstructor, metric and recipe once with the suite's
+    options, so a misspelt or out-of-range option fails now, not hours into a run."""
+    from ..methods import resolve
+    from ..quant import QuantRecipe
+
+    s, file = loaded.suite, loaded.file
+
+    def build(key: str, make) -> None:
+        try:
+            make()
+        except PtqbenchError as exc:
+            raise SuiteError(file, key, str(exc)) from None
+
+    for i, mname in enumerate(s.grid.methods):
+        m = resolve(mname, s.methods.get(mname))
+        where = f"methods.{mname}" if mname in s.methods else f"grid.methods[{i}]"
+        for family, name, options in (("selectors", m.selector, m.selector_options),
+                                      ("weightings", m.weighting, m.weighting_options),
+                                      ("reconstructors", m.reconstructor, m.reconstructor_options)):
+            if name is not None:
+                build(f"{where}.{family[:-1]}_options",
+                      lambda f=family, n=name, o=options: registry.create(f, n, o))
+        if not m.is_fp:
+            for bits in s.grid.bits:
+                build(f"{where}.recipe", lambda b=bits: QuantRecipe.from_options(
+                    bits=b, **{"sampler_steps": 1, **m.recipe}
+                    if m.recipe.get("act_params") == "per_step" else m.recipe))
+    for name in s.evaluation.metrics:
+        build(f"evaluation.metric_options.{name}",
+              lambda n=name: registry.create("metrics", n, s.evaluation.metric_options.get(n, {})))
 
 
 __all__ = ["load_suite", "check_plugins", "LoadedSuite", "default_suite_path", "PtqbenchError"]
