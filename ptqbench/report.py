@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import pandas as pd
+import torch
 
 from .errors import PtqbenchError
 from .metrics.significance import not_significantly_different
@@ -14,6 +15,8 @@ from .store import Store
 KEYS = ["model", "sampler", "bits", "method"]
 #: preferred sort metric, first present wins; direction comes from the records
 SORT_PREFERENCE = ["fid", "fid_to_fp", "sfid", "paired_mse"]
+#: metrics computed per sample against the FP samples: rows are compared by a paired test
+PAIRED_METRICS = ("paired_mse", "paired_psnr")
 METRIC_ORDER = ["fid", "fid_to_fp", "sfid", "kid", "is", "precision", "recall", "paired_mse",
                 "paired_psnr"]
 
@@ -26,6 +29,8 @@ def load_records(folder: str | Path) -> list[dict]:
     records = list(Store(root).records())
     if not records:
         raise PtqbenchError(f"no records under {root / 'records'}: run a suite first")
+    for r in records:
+        r["_root"] = str(root)  # where the samples of paired tests are
     return records
 
 
@@ -42,6 +47,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
                                          if k in ("trajectories", "select", "quantize", "reconstruct"))
         row["num_samples"] = r.get("num_samples")
         row["finished"] = r.get("finished") or ""
+        row["_root"], row["_gen"], row["_fp_gen"] = r.get("_root"), r.get("gen_key"), r.get("fp_gen_key")
         for name, v in (r.get("metrics") or {}).items():
             row[name] = v.get("value")
             ci = v.get("ci")
@@ -82,7 +88,7 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
         agg[f"{m}__hi"] = "mean"
         agg[f"{m}__hib"] = "first"
     agg.update({"seconds": "mean", "calibration_seconds": "mean", "seed": "count",
-                "num_samples": "first"})
+                "num_samples": "first", "_root": "first", "_gen": "first", "_fp_gen": "first"})
     board = ok.groupby(KEYS, dropna=False).agg(agg).reset_index().rename(columns={"seed": "seeds"})
     sort = sort or next((m for m in SORT_PREFERENCE if m in metrics), None)
     board["same_as_best"] = False
@@ -99,10 +105,42 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
         for _, group in block[block["method"] != "fp"].groupby("bits", sort=True):
             group = group.sort_values(sort, ascending=not higher, na_position="last")
             best = group.iloc[0]
-            group["same_as_best"] = [i != group.index[0] and _overlap(row, best, sort)
-                                     for i, row in group.iterrows()]
+            paired = _paired_marks(group, sort) if sort in PAIRED_METRICS else None
+            group["significance"] = "paired" if paired is not None else "ci"
+            group["same_as_best"] = paired if paired is not None else [
+                i != group.index[0] and _overlap(row, best, sort) for i, row in group.iterrows()]
             parts.append(group)
     return pd.concat(parts).reset_index(drop=True)
+
+
+def _paired_marks(group: pd.DataFrame, metric: str) -> Optional[list[bool]]:
+    """For a paired metric: is each row's per-sample difference from the best row's not
+    significant (95% bootstrap interval of the mean difference contains 0)? None when the test
+    cannot be made (several seeds, a different FP reference, samples not in the folder)."""
+    import numpy as np
+
+    from .metrics.paired import paired_difference, per_sample_mse, psnr_from_mse
+
+    if (group["seeds"] != 1).any() or group["_gen"].isna().any() or group["_fp_gen"].nunique() != 1:
+        return None
+    store = Store(group["_root"].iloc[0])
+    n = int(group["num_samples"].iloc[0])
+    fp = store.load_samples(group["_fp_gen"].iloc[0], n)
+    if fp is None:
+        return None
+    fp_t = torch.from_numpy(fp)
+    per = []
+    for gen in group["_gen"]:
+        samples = store.load_samples(gen, n)
+        if samples is None:
+            return None
+        mse = per_sample_mse(torch.from_numpy(samples), fp_t)
+        per.append((mse if metric == "paired_mse" else psnr_from_mse(mse, fp[0].size)).numpy())
+    marks = [False]
+    for values in per[1:]:
+        _, lo, hi = paired_difference(values, per[0])
+        marks.append(bool(lo <= 0.0 <= hi))
+    return marks
 
 
 def _overlap(row, best, metric: str) -> bool:
@@ -166,7 +204,8 @@ def to_markdown(board: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     note = ("\n± is the half-width of the 95% confidence interval; ≈ marks rows not significantly "
             "different from the best row of the same model, sampler and bit-width "
-            "(|a - b| <= sqrt(h_a^2 + h_b^2)).\n")
+            "(|a - b| <= sqrt(h_a^2 + h_b^2); for paired metrics a paired bootstrap over the "
+            "samples, which share seeds).\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -193,7 +232,7 @@ def print_rich(board: pd.DataFrame, console=None, title: str = "ptqbench leaderb
         table.add_row(*r, style="bold" if raw["method"] == "fp" else None)
     console.print(table)
     console.print("± = half-width of the 95% CI; ≈ = not significantly different from the best "
-                  "row of its bit-width", style="dim")
+                  "row of its bit-width (paired metrics: paired test over samples)", style="dim")
 
 
 def failed_cells(df: pd.DataFrame) -> pd.DataFrame:

@@ -89,3 +89,29 @@ def test_newest_record_of_a_cell_wins(tmp_path):
     store.write_record("new", new)
     board = leaderboard(records_frame(load_records(tmp_path)))
     assert board["paired_mse"].tolist() == [0.1]
+
+
+def test_paired_metrics_use_a_paired_test(tmp_path):
+    """Two methods whose intervals overlap, but one is worse on every sample: the paired test
+    (same seeds) tells them apart where the interval rule could not."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 200
+    fp = rng.integers(40, 200, (n, 1, 8, 8), dtype=np.uint8)
+    noise = rng.integers(0, 12, (n, 1, 8, 8))
+    store = Store(tmp_path)
+    store.write_shard("g-fp", 0, fp)
+    store.write_shard("g-a", 0, (fp + noise).astype(np.uint8))
+    store.write_shard("g-b", 0, (fp + noise + 1).astype(np.uint8))  # one level worse everywhere
+    store.write_shard("g-c", 0, (fp + noise[::-1]).astype(np.uint8))  # same errors, shuffled
+    for key, method, gen, mse in [("a", "a", "g-a", 0.00070), ("b", "b", "g-b", 0.00075),
+                                  ("c", "c", "g-c", 0.00070)]:
+        r = rec(method, "W4A8", mse, [mse - 0.0001, mse + 0.0001])
+        r.update(gen_key=gen, fp_gen_key="g-fp", num_samples=n)
+        store.write_record(key, r)
+    board = leaderboard(records_frame(load_records(tmp_path)))
+    marks = dict(zip(board["method"], board["same_as_best"]))
+    assert set(board["significance"]) == {"paired"}
+    assert marks["b"] == False  # noqa: E712  (intervals overlap, the paired test separates)
+    assert marks["c"] == True  # noqa: E712  (same error distribution: not significant)

@@ -15,7 +15,6 @@ the computation, default 1024).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -23,25 +22,9 @@ import torch
 from ptqbench import Metric, MetricContext, hookimpl
 from ptqbench.errors import PtqbenchError
 from ptqbench.metrics.bootstrap import bootstrap_mean
+from ptqbench.metrics.paired import per_sample_mse, psnr_from_mse
 
 _SPEC = {"bootstrap": (1000, 0), "seed": (0, 0), "chunk": (1024, 1)}
-
-
-def per_sample_mse(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """MSE of every sample against its FP counterpart, images scaled to [0, 1] (float64, (N,))."""
-    out = []
-    for start in range(0, samples.shape[0], chunk):
-        a = samples[start:start + chunk].to(torch.float64)
-        b = fp[start:start + chunk].to(a.device, torch.float64)
-        out.append(((a - b) / 255.0).square().flatten(1).mean(1).cpu())
-    return torch.cat(out)
-
-
-def psnr_from_mse(mse: torch.Tensor, values_per_sample: int) -> torch.Tensor:
-    """PSNR (peak 1) per sample; MSE 0 maps to the largest finite uint8 PSNR (see module doc)."""
-    cap = 10 * math.log10(255.0 ** 2 * values_per_sample)
-    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-300))
-    return torch.where(mse > 0, psnr, torch.full_like(psnr, cap))
 
 
 class Paired(Metric):

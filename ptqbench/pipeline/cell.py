@@ -95,6 +95,7 @@ class CellRunner:
             "key": cell.key, "cell": {"model": cell.model, "sampler": cell.sampler,
                                       "bits": cell.bits, "method": cell.method, "seed": cell.seed},
             "config": cell.config, "config_hash": cell.key, "gen_key": cell.gen_key,
+            "fp_gen_key": cell.fp_gen_key,
             "quant_key": cell.quant_key, "suite": {"name": self.loaded.suite.suite.name,
                                                    "file": str(self.loaded.file)},
             "git": environment.git_info(), "versions": environment.package_versions(),
