@@ -53,6 +53,7 @@ class DiffusersUNet(ModelAdapter):
         self.revision = revision
         self._state: Optional[dict] = None
         self._config: Optional[dict] = None
+        self._identity: Optional[dict] = None
         from diffusers import DDPMScheduler
 
         sched = self._from_pretrained(DDPMScheduler, subfolder_scheduler, "scheduler")
@@ -152,6 +153,13 @@ class DiffusersUNet(ModelAdapter):
         return out
 
     def identity(self) -> dict:
+        # hashed once per adapter: it is asked for by every cell and cache key, and the adapter
+        # also loads the weights only once, so the hash describes what this run uses
+        if self._identity is None:
+            self._identity = self._compute_identity()
+        return dict(self._identity)
+
+    def _compute_identity(self) -> dict:
         info = {"plugin": self.name, "path": self.path}
         folder = Path(self.path) / self.subfolder_unet
         if not folder.is_dir():

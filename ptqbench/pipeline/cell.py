@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import time
 import traceback
@@ -14,7 +15,7 @@ import torch
 from .. import environment
 from ..interfaces import MetricContext, RunContext
 from ..sampling import SamplerSpec
-from ..store import Store
+from ..store import Store, atomic_write_json
 from ..suite.expand import Cell
 from ..suite.loader import LoadedSuite
 from .generate import generate
@@ -214,8 +215,6 @@ class CellRunner:
         info = {"coverage": manifest, "reconstruction": recon, "weighting_state": weighting.state(),
                 "calibration": calibration, "costs": calib_timer.as_dict()}
         save_quantized(qmodel, saved)
-        from ..store import atomic_write_json
-
         atomic_write_json(work / "quantization.json", info)
         record.update(coverage=manifest, reconstruction=recon, weighting_state=info["weighting_state"],
                       calibration=calibration)
@@ -244,8 +243,6 @@ class CellRunner:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):

@@ -1,6 +1,8 @@
 """Sampling a model into sharded uint8 arrays, resumable shard by shard."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -23,20 +25,16 @@ def generate(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec, n
         with sampler_step(k):
             return adapter.denoise(model, x, t)
 
-    task = reporter.task(label, total=num_samples) if reporter else None
-    advance = task.__enter__() if task else (lambda n=1: None)
-    try:
-        advance(num_samples - sum(len(idx) for idx in todo))
+    bar = (reporter.task(label, total=num_samples) if reporter
+           else contextlib.nullcontext(lambda n=1, description=None: None))
+    with bar as advance:
+        advance(num_samples - sum(len(idx) for idx in todo))  # shards of an earlier run
         for idx in todo:
-            start = idx.start
             with torch.inference_mode():
                 x0 = sampler.run(denoise, adapter.sample_shape, idx, seed, device)
                 images = adapter.decode(x0).cpu().numpy()
-            store.write_shard(gen_key, start, images)
+            store.write_shard(gen_key, idx.start, images)
             advance(len(idx))
-    finally:
-        if task:
-            task.__exit__(None, None, None)
     samples = store.load_samples(gen_key, num_samples)
     assert samples is not None, "all shards were just written"
     return samples
