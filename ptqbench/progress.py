@@ -5,6 +5,7 @@ import contextlib
 from typing import Iterator, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
@@ -12,9 +13,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 class Reporter:
     """What stages receive: ``task(description, total)`` yields an ``advance(n=1)`` callable."""
 
-    def __init__(self, console: Optional[Console] = None, enabled: bool = True):
+    def __init__(self, console: Optional[Console] = None, enabled: bool = True,
+                 prefix: str = ""):
         self.console = console or Console(stderr=True)
         self.enabled = enabled
+        self.prefix = prefix  # e.g. "[cuda:1] " for a worker process's lines
         self._progress: Optional[Progress] = None
 
     def __enter__(self):
@@ -49,4 +52,5 @@ class Reporter:
             self._progress.remove_task(tid)
 
     def log(self, msg: str) -> None:
-        (self._progress.console if self._progress else self.console).print(msg, highlight=False)
+        (self._progress.console if self._progress else self.console).print(
+            escape(self.prefix) + msg, highlight=False)

@@ -6,6 +6,7 @@ Layout of an output folder::
     samples/<gen key>/<start>.npy  uint8 samples, one shard per batch, named by first index
     work/<quant key>/              quantized-model checkpoints (resume after a kill)
     cache/                         trajectories and reference statistics (shared)
+    locks/                         advisory locks of parallel workers (safe to delete when idle)
 
 A file appears under its final name only once complete (temp file + fsync + rename), so a run
 killed at any point leaves either the old state or the new one, never a broken file.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+
+from .locks import exclusive_lock
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -120,6 +123,10 @@ class Store:
         if nxt < num_samples:
             return None
         return np.concatenate(parts)[:num_samples]
+
+    def lock(self, name: str):
+        """Exclusive lock ``locks/<name>.lock`` (e.g. a gen key: one writer of those samples)."""
+        return exclusive_lock(self.root / "locks" / f"{name}.lock")
 
     def work_dir(self, quant_key: str) -> Path:
         return self.root / "work" / quant_key

@@ -21,7 +21,6 @@ calibration data never contains an evaluation sample's starting noise.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,7 @@ import torch
 
 from ..errors import PtqbenchError
 from ..interfaces import ModelAdapter, Trajectories
+from ..locks import exclusive_lock
 from ..sampling import DDIMSampler, SamplerSpec
 
 FORMAT = "ptqbench-trajectories/1"
@@ -180,23 +180,6 @@ def read_manifest(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 # recording
 # ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive advisory lock (waits for another worker recording the same store)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # non-POSIX: no waiting, the atomic rename still keeps stores whole
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _report(progress, done: int, total: int, msg: str) -> None:
     if progress is None:
         return
@@ -346,7 +329,7 @@ def get_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, sampler_s
     found = find_store(cache_dir, key)
     if found is not None:
         return _prefix(load_trajectories(found, verify=verify), num_samples)
-    with _exclusive(final.parent / f".{final.name}.lock"):
+    with exclusive_lock(final.parent / f".{final.name}.lock"):
         found = find_store(cache_dir, key)  # another worker may have finished while we waited
         if found is not None:
             return _prefix(load_trajectories(found, verify=verify), num_samples)

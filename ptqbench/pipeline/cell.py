@@ -88,11 +88,11 @@ class CellRunner:
             self.reporter.log(msg)
 
     # ---- one cell -----------------------------------------------------------------------
-    def run(self, cell: Cell, device: torch.device) -> dict:
-        timer = StageTimer(device)
+    def _header(self, cell: Cell, device: torch.device) -> dict:
+        """The part of a record known before the cell runs: what, with which code, where."""
         ev = self.loaded.suite.evaluation
         m = cell.resolved
-        record = {
+        return {
             "key": cell.key, "cell": {"model": cell.model, "sampler": cell.sampler,
                                       "bits": cell.bits, "method": cell.method, "seed": cell.seed},
             "config": cell.config, "config_hash": cell.key, "gen_key": cell.gen_key,
@@ -112,6 +112,19 @@ class CellRunner:
             "status": "running", "error": None, "metrics": {}, "metric_errors": {},
             "coverage": None, "reconstruction": None, "weighting_state": None,
         }
+
+    def crash_record(self, cell: Cell, device: torch.device, message: str) -> dict:
+        """Record (and store) a cell whose worker process died, so reports and
+        ``--retry-failed`` see it like any failed cell."""
+        record = self._header(cell, device)
+        record.update(status="failed", costs={}, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      error={"type": "WorkerDied", "message": message})
+        self.store.write_record(cell.key, record)
+        return record
+
+    def run(self, cell: Cell, device: torch.device) -> dict:
+        timer = StageTimer(device)
+        record = self._header(cell, device)
         try:
             self._run(cell, device, timer, record)
             record["status"] = "failed" if record["metric_errors"] else "ok"
@@ -150,8 +163,10 @@ class CellRunner:
     def _fp_samples(self, cell, adapter, fp_model, spec, device, timer) -> np.ndarray:
         ev = self.loaded.suite.evaluation
         fp = self.store.load_samples(cell.fp_gen_key, ev.num_samples)
-        if fp is None:  # the FP cell is not in the grid or has not finished: make its samples
-            self.log(f"generating the FP samples that {cell.title()} is paired with")
+        if fp is None:
+            # The FP cell is running in another worker (generate() waits for its lock, then
+            # finds every shard), or it is not in this run: then this cell samples them.
+            self.log(f"waiting for or generating the FP samples that {cell.title()} is paired with")
             with timer.stage("sample_fp"):
                 fp = generate(adapter, fp_model, spec, ev.num_samples, cell.seed, ev.batch_size,
                               device, self.store, cell.fp_gen_key, self.reporter,

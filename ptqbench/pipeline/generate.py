@@ -16,9 +16,25 @@ def generate(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec, n
              seed: int, batch_size: int, device: torch.device, store: Store, gen_key: str,
              reporter=None, label: str = "sampling") -> np.ndarray:
     """Sample indices 0..num_samples-1 (sample i from seed (seed, i)); finished shards are kept,
-    so a killed run resumes where it stopped. Returns all samples, uint8 (N, C, H, W)."""
-    sampler = DDIMSampler(spec, adapter.scheduler_config)
+    so a killed run resumes where it stopped. Returns all samples, uint8 (N, C, H, W).
+
+    Holds the store's lock on ``gen_key`` while sampling: a parallel worker that needs the same
+    samples (a quantized cell waiting for its FP pairs) waits for them instead of sampling twice.
+    """
+    with store.lock(gen_key):
+        _generate_missing(adapter, model, spec, num_samples, seed, batch_size, device, store,
+                          gen_key, reporter, label)
+    samples = store.load_samples(gen_key, num_samples)
+    assert samples is not None, "all shards were just written"
+    return samples
+
+
+def _generate_missing(adapter, model, spec, num_samples, seed, batch_size, device, store,
+                      gen_key, reporter, label) -> None:
     todo = missing_chunks(store.shard_starts(gen_key), num_samples, batch_size)
+    if not todo:
+        return
+    sampler = DDIMSampler(spec, adapter.scheduler_config)
 
     def denoise(x, t, k):
         # per-timestep activation parameters (TFMQ-style) select their set by the step index
@@ -35,9 +51,6 @@ def generate(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec, n
                 images = adapter.decode(x0).cpu().numpy()
             store.write_shard(gen_key, idx.start, images)
             advance(len(idx))
-    samples = store.load_samples(gen_key, num_samples)
-    assert samples is not None, "all shards were just written"
-    return samples
 
 
 def missing_chunks(done: dict[int, int], num_samples: int, batch_size: int) -> list[range]:

@@ -10,6 +10,7 @@ from ..store import Store
 from ..suite.expand import Cell, expand
 from ..suite.loader import LoadedSuite, check_plugins, load_suite
 from .cell import CellRunner
+from .worker import CellJob
 
 
 @dataclass
@@ -33,17 +34,61 @@ def prepare(suite_path=None, registry: Optional[Registry] = None
     return loaded, registry, expand(loaded)
 
 
+def make_runner(loaded: LoadedSuite, registry: Registry, output: Optional[str | Path] = None,
+                reporter=None) -> CellRunner:
+    out = Path(output or loaded.suite.suite.output)
+    cache = Path(loaded.suite.run.cache_dir) if loaded.suite.run.cache_dir else out / "cache"
+    return CellRunner(loaded, registry, Store(out), cache, reporter)
+
+
+class CellDispatch:
+    """The ``run_one`` every executor receives.
+
+    ``run_one(cell, device)`` runs a cell in this process. An executor that runs cells in other
+    processes sends ``run_one.job`` there (picklable; :func:`ptqbench.pipeline.worker.run_cell`
+    runs a cell of it in any process), hands each record it gets back to
+    ``run_one.finished(cell, record)``, and reports a worker that died with
+    ``run_one.crashed(cell, device, message)``.
+    """
+
+    def __init__(self, runner: CellRunner, job: CellJob, summary: RunSummary, reporter=None):
+        self.runner, self.job, self.summary, self.reporter = runner, job, summary, reporter
+
+    def __call__(self, cell: Cell, device) -> None:
+        self.started(cell, device)
+        self.finished(cell, self.runner.run(cell, device))
+
+    def started(self, cell: Cell, device=None) -> None:
+        if self.reporter is not None:
+            where = f" on {device}" if device is not None else ""
+            self.reporter.log(f"[bold]cell[/bold] {cell.title()}  ({cell.key}){where}")
+
+    def finished(self, cell: Cell, record: dict) -> None:
+        (self.summary.ok if record["status"] == "ok" else self.summary.failed).append(cell)
+        if self.reporter is None:
+            return
+        if record["status"] == "ok":
+            secs = record["costs"]["total_seconds"]
+            self.reporter.log(f"  [green]ok[/green] {cell.title()} in {secs:.1f} s")
+        else:
+            err = record["error"]
+            self.reporter.log(f"  [red]failed[/red] {cell.title()}: {err['type']}: {err['message']}")
+
+    def crashed(self, cell: Cell, device, message: str) -> dict:
+        record = self.runner.crash_record(cell, device, message)
+        self.finished(cell, record)
+        return record
+
+
 def run_suite(suite_path=None, output: Optional[str | Path] = None,
               registry: Optional[Registry] = None, reporter=None, rerun_failed: bool = True,
               device: Optional[str] = None) -> RunSummary:
     loaded, registry, cells = prepare(suite_path, registry)
-    out = Path(output or loaded.suite.suite.output)
-    store = Store(out)
-    cache = Path(loaded.suite.run.cache_dir) if loaded.suite.run.cache_dir else out / "cache"
-    summary = RunSummary(cells=cells, output=out)
+    runner = make_runner(loaded, registry, output, reporter)
+    summary = RunSummary(cells=cells, output=runner.store.root)
     todo = []
     for cell in cells:
-        rec = store.read_record(cell.key)
+        rec = runner.store.read_record(cell.key)
         if rec is not None and (rec.get("status") == "ok" or not rerun_failed):
             summary.skipped.append(cell)
         else:
@@ -52,19 +97,7 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
     if device is not None:
         options["device"] = device
     executor = registry.create("executors", loaded.suite.run.executor, options)
-    runner = CellRunner(loaded, registry, store, cache, reporter)
-
-    def run_one(cell: Cell, dev) -> None:
-        if reporter is not None:
-            reporter.log(f"[bold]cell[/bold] {cell.title()}  ({cell.key})")
-        rec = runner.run(cell, dev)
-        (summary.ok if rec["status"] == "ok" else summary.failed).append(cell)
-        if reporter is not None:
-            if rec["status"] == "ok":
-                secs = rec["costs"]["total_seconds"]
-                reporter.log(f"  [green]ok[/green] in {secs:.1f} s")
-            else:
-                reporter.log(f"  [red]failed[/red]: {rec['error']['type']}: {rec['error']['message']}")
-
-    executor.run_cells(todo, run_one)
+    job = CellJob(suite_file=str(Path(loaded.file).resolve()),
+                  output=str(runner.store.root.resolve()))
+    executor.run_cells(todo, CellDispatch(runner, job, summary, reporter))
     return summary

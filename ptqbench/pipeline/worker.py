@@ -1,0 +1,64 @@
+"""Running cells of a suite in worker processes (e.g. one per GPU).
+
+A worker rebuilds the suite from its file (the default registry: built-ins, entry points unless
+``PTQBENCH_LOAD_EXTERNAL_PLUGINS=0``, and the suite's plugin files) and keeps it, with the models
+it loaded, for every later cell it runs. Processes, not threads: each worker has its own
+interpreter lock, its own global numerics flags (the metrics switch TF32 off while they run) and
+its own CUDA-graph captures, so parallel cells cannot disturb each other.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What a worker process needs to run cells of one suite run (picklable)."""
+    suite_file: str
+    output: str
+
+
+_runners: dict = {}  # per process: job -> (CellRunner, {cell key: Cell})
+
+
+def init_worker(device: str, threads: Optional[int] = None, label: Optional[str] = None) -> None:
+    """Process initialiser: die with the parent, pin the GPU, share the CPU cores fairly."""
+    _die_with_parent()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ["PTQBENCH_WORKER"] = label or device
+
+
+def run_cell(job: CellJob, cell_key: str, device: str) -> dict:
+    """Run the cell ``cell_key`` of ``job`` on ``device`` in this process; returns its record."""
+    if job not in _runners:
+        from ..progress import Reporter
+        from .runner import make_runner, prepare
+
+        loaded, registry, cells = prepare(job.suite_file)
+        reporter = Reporter(enabled=False, prefix=f"[{os.environ.get('PTQBENCH_WORKER', device)}] ")
+        _runners[job] = (make_runner(loaded, registry, job.output, reporter),
+                         {c.key: c for c in cells})
+    runner, cells = _runners[job]
+    if cell_key not in cells:
+        raise KeyError(f"cell {cell_key} is not in {job.suite_file} as this worker reads it "
+                       f"(was the suite edited while it ran?)")
+    return runner.run(cells[cell_key], torch.device(device))
+
+
+def _die_with_parent() -> None:
+    # A parent killed by a timeout or a scheduler must not leave workers writing on (Linux only).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
