@@ -44,13 +44,22 @@ def cli():
 @click.option("--retry-failed/--skip-failed", default=True, show_default=True,
               help="Rerun cells whose record says failed (finished cells are always skipped).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--model", "models", multiple=True, help="Only cells of this model (repeatable).")
+@click.option("--bits", "bits", multiple=True, help="Only this bit-width, e.g. W4A8 (repeatable).")
+@click.option("--method", "methods", multiple=True, help="Only this method (repeatable).")
+@click.option("--cell", "keys", multiple=True,
+              help="Only the cell whose key starts with this (repeatable; keys: --dry-run).")
 @user_errors
-def run(suite, dry_run, output, device, retry_failed, no_progress):
+def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits, methods, keys):
     """Run SUITE (default: the embedded tiny suite, offline on a CPU in a few minutes).
 
     Rerunning a suite skips the cells that already have a record, and resumes sampling and
-    reconstruction of an interrupted cell where they stopped.
+    reconstruction of an interrupted cell where they stopped. --model/--bits/--method/--cell
+    run part of a suite (filters combine; FP cells that the chosen cells are paired with are
+    always included).
     """
+    select = {"models": models, "bits": bits, "methods": methods, "keys": keys}
+    select = select if any(select.values()) else None
     from .pipeline.runner import prepare, run_suite
     from .progress import Reporter
     from .report import leaderboard, load_records, print_rich, records_frame
@@ -59,6 +68,9 @@ def run(suite, dry_run, output, device, retry_failed, no_progress):
     console = Console()
     if dry_run:
         loaded, _, cells = prepare(suite)
+        if select:
+            from .pipeline.runner import select_cells
+            cells = select_cells(cells, **select)
         out = Path(output or loaded.suite.suite.output)
         store = Store(out)
         click.echo(f"suite {loaded.suite.suite.name} ({loaded.file}): {len(cells)} cells -> {out}")
@@ -69,7 +81,7 @@ def run(suite, dry_run, output, device, retry_failed, no_progress):
         return
     with Reporter(enabled=not no_progress) as reporter:
         summary = run_suite(suite, output=output, reporter=reporter, rerun_failed=retry_failed,
-                            device=device)
+                            device=device, select=select)
     console.print(f"{len(summary.cells)} cells: {len(summary.ok)} ran, {len(summary.skipped)} "
                   f"already finished, {len(summary.failed)} failed -> {summary.output}")
     df = records_frame(load_records(summary.output))

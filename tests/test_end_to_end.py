@@ -115,3 +115,19 @@ def test_killed_run_resumes_without_loss(tmp_path, tiny_model_dir):
         assert by_key[r["key"]]["started"] == r["started"]
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_run_selects_part_of_a_suite(tmp_path, tiny_model_dir):
+    suite = small_tiny_suite(tmp_path, num_samples=8)
+    dry = CliRunner().invoke(cli, ["run", str(suite), "--dry-run", "--bits", "W4A8"])
+    assert dry.exit_code == 0, dry.output
+    assert "2 cells" in dry.output and "| FP |" in dry.output and "W8A8" not in dry.output
+    # FP comes along with the chosen cell: it is paired with it
+    bad = CliRunner().invoke(cli, ["run", str(suite), "--dry-run", "--method", "gac"])
+    assert bad.exit_code != 0 and "--method gac: not in this suite" in bad.output
+    key = [ln.split()[0] for ln in dry.output.splitlines() if "W4A8" in ln][0]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(suite), "-o", str(out), "--cell", key[:6],
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert sorted(r["cell"]["bits"] for r in records(out)) == ["FP", "W4A8"]

@@ -279,3 +279,32 @@ def test_falls_back_when_a_transform_fails(monkeypatch):
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         run_block(strict, ctx, calib, val, iterations=0)
+
+
+def test_meta_updates_do_not_depend_on_the_loss_scale(monkeypatch):
+    # A real model's block has meta gradients ~1e-12, far below Adam's eps; on cifar10-ddpm-s
+    # the weights stayed uniform until the meta gradients were normalised per block.
+    from ptqbench_plugins.weightings import gradient_aligned as plugin
+
+    def learned(scale, normalize):
+        real = gac.meta_gradient
+
+        def scaled(*args, **kwargs):
+            res = real(*args, **kwargs)
+            return dataclasses.replace(res, grad_w=res.grad_w * scale)
+
+        monkeypatch.setattr(plugin, "meta_gradient", scaled)
+        ctx, calib, val = problem()
+        gw = GradientAligned(meta_lr=0.2, meta_steps=15, groups=3,
+                             normalize_meta_grad=normalize)
+        run_block(gw, ctx, calib, val)
+        return gw.weights(torch.arange(12))
+
+    reference = learned(1.0, True)
+    assert reference.std() > 0.05
+    torch.testing.assert_close(learned(1e-12, True), reference, rtol=1e-4, atol=1e-6)
+    assert learned(1e-12, False).std() < 1e-3  # the failure mode it prevents
+    st_scale = GradientAligned(normalize_meta_grad=True)
+    with pytest.raises(PtqbenchError):
+        GradientAligned(normalize_meta_grad="yes")
+    assert st_scale.options["normalize_meta_grad"] is True

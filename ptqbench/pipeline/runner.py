@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..errors import PtqbenchError
 from ..registry import Registry, default_registry
 from ..store import Store
 from ..suite.expand import Cell, expand
@@ -32,6 +33,33 @@ def prepare(suite_path=None, registry: Optional[Registry] = None
         registry.load_file(f)
     check_plugins(loaded, registry)
     return loaded, registry, expand(loaded)
+
+
+def select_cells(cells: list[Cell], models=(), bits=(), methods=(), keys=()) -> list[Cell]:
+    """The cells matching every given filter (each filter: any of its values; ``keys`` are key
+    prefixes as ``--dry-run`` prints them), plus the FP cells that they are paired with."""
+    def check(name, wanted, have):
+        unknown = sorted(set(wanted) - set(have))
+        if unknown:
+            raise PtqbenchError(f"--{name} {', '.join(unknown)}: not in this suite "
+                                f"(it has: {', '.join(sorted(set(have)))})")
+
+    check("model", models, [c.model for c in cells])
+    check("bits", bits, [c.bits for c in cells])
+    check("method", methods, [c.method for c in cells])
+    for k in keys:
+        hits = [c for c in cells if c.key.startswith(k)]
+        if len(hits) != 1:
+            raise PtqbenchError(f"--cell {k}: matches {len(hits)} cells of this suite, "
+                                f"not one (see ptqbench run --dry-run)")
+    chosen = [c for c in cells
+              if (not models or c.model in models) and (not bits or c.bits in bits)
+              and (not methods or c.method in methods)
+              and (not keys or any(c.key.startswith(k) for k in keys))]
+    if not chosen:
+        raise PtqbenchError("no cell of this suite matches all of the given filters")
+    pairs = {c.fp_gen_key for c in chosen if not c.is_fp}
+    return [c for c in cells if c in chosen or (c.is_fp and c.gen_key in pairs)]
 
 
 def make_runner(loaded: LoadedSuite, registry: Registry, output: Optional[str | Path] = None,
@@ -82,8 +110,12 @@ class CellDispatch:
 
 def run_suite(suite_path=None, output: Optional[str | Path] = None,
               registry: Optional[Registry] = None, reporter=None, rerun_failed: bool = True,
-              device: Optional[str] = None) -> RunSummary:
+              device: Optional[str] = None, select: Optional[dict] = None) -> RunSummary:
+    """Run (or resume) a suite; ``select`` = select_cells() filters (models, bits, methods,
+    keys) to run only part of it."""
     loaded, registry, cells = prepare(suite_path, registry)
+    if select:
+        cells = select_cells(cells, **select)
     runner = make_runner(loaded, registry, output, reporter)
     summary = RunSummary(cells=cells, output=runner.store.root)
     todo = []
