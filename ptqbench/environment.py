@@ -1,7 +1,8 @@
-"""Provenance for records: git commit, package versions, host."""
+"""Provenance for records: git commit, a hash of the code that ran, package versions, host."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
@@ -27,6 +28,33 @@ def git_info(start: str = ".") -> dict:
         except (OSError, subprocess.SubprocessError):
             continue
     return {"commit": None, "dirty": None}
+
+
+def tree_sha256(folder: Path, pattern: str = "*.py") -> tuple[str, int]:
+    """SHA-256 over the relative paths and contents of the files under ``folder`` matching
+    ``pattern`` (sorted), and how many there are."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(folder).rglob(pattern) if p.is_file())
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest(), len(files)
+
+
+@functools.lru_cache(maxsize=None)
+def code_identity() -> dict:
+    """Hashes of the ptqbench and built-in plugin sources that are running.
+
+    The git commit alone can mislead: a copy of a checkout (a GPU machine's, an installed
+    wheel) may carry an older .git or none, and ``dirty`` does not say what changed."""
+    import ptqbench
+    import ptqbench_plugins
+
+    out = {}
+    for mod in (ptqbench, ptqbench_plugins):
+        digest, n = tree_sha256(Path(mod.__file__).resolve().parent)
+        out[mod.__name__] = {"sha256": digest, "files": n}
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,8 +41,12 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
         row = dict(r["cell"])
         row["status"] = r.get("status")
         row["error"] = (r.get("error") or {}).get("message")
-        row["seconds"] = (r.get("costs") or {}).get("total_seconds")
-        calib = (r.get("costs") or {}).get("seconds", {})
+        # A cell resumed after its calibration finished in an earlier run reuses that run's
+        # quantized model; its cost is this run's stages plus the calibration it reused.
+        reused = r.get("costs_calibration_reused") or {}
+        total = (r.get("costs") or {}).get("total_seconds")
+        row["seconds"] = None if total is None else total + (reused.get("total_seconds") or 0.0)
+        calib = {**(r.get("costs") or {}).get("seconds", {}), **(reused.get("seconds") or {})}
         row["calibration_seconds"] = sum(v for k, v in calib.items()
                                          if k in ("trajectories", "select", "quantize", "reconstruct"))
         row["num_samples"] = r.get("num_samples")

@@ -115,3 +115,13 @@ def test_paired_metrics_use_a_paired_test(tmp_path):
     assert set(board["significance"]) == {"paired"}
     assert marks["b"] == False  # noqa: E712  (intervals overlap, the paired test separates)
     assert marks["c"] == True  # noqa: E712  (same error distribution: not significant)
+
+
+def test_a_resumed_cell_counts_the_calibration_it_reused(tmp_path):
+    r = rec("brecq", "W4A8", 0.05, [0.04, 0.06])
+    r["costs"] = {"total_seconds": 20.0, "seconds": {"load_quantized": 0.2, "sample": 19.8}}
+    r["costs_calibration_reused"] = {"total_seconds": 110.0,
+                                     "seconds": {"quantize": 10.0, "reconstruct": 100.0}}
+    Store(tmp_path).write_record("k", r)
+    row = records_frame(load_records(tmp_path)).iloc[0]
+    assert row["seconds"] == 130.0 and row["calibration_seconds"] == 110.0
