@@ -239,3 +239,19 @@ def test_per_step_activation_params_reconstruct(unet, tmp_path):
     res = BRECQ(**{**FAST, "iters_w": 5, "iters_a": 10}).reconstruct(
         unet, q, adapter, calib, None, UniformWeights(), _ctx(tmp_path))
     assert res["blocks"][0]["phases"][1]["params"]["step_sizes"] > 0
+
+
+@pytest.mark.parametrize("opts", [{"iters_a": 0}, {"learn_act": False}])
+def test_activation_quantizers_stay_on_without_an_activation_phase(unet, tmp_path, opts):
+    # A weights-only reconstruction of a W4A8 model must still quantize activations afterwards:
+    # the weight phase switches them off, and "without the activation phase" must mean
+    # activations at their initial ranges, not FP activations.
+    from ptqbench.quant.model import act_quantizers
+
+    adapter, q, calib = _setup(unet, n=16)
+    before = {name: aq.enabled for name, aq in act_quantizers(q)}
+    assert any(before.values())
+    res = BRECQ(**{**FAST, **opts}).reconstruct(unet, q, adapter, calib, None, UniformWeights(),
+                                                _ctx(tmp_path))
+    assert all([p["phase"] for p in b["phases"]] == ["weights"] for b in res["blocks"])
+    assert {name: aq.enabled for name, aq in act_quantizers(q)} == before

@@ -271,12 +271,20 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, in_stream: str, weightin
             phases.append(("activations", [], aqs, cfg.iters_a))
     seed = _unit_seed(context.seed, name)
     entry["phases"] = []
-    for pi, (phase, pw, pa, iters) in enumerate(phases):
-        if phase == "activations":
-            for wq in wqs:  # sequential: weights are final before step sizes are learned
-                wq.fold()
-        entry["phases"].append(_optimize(runner, caches, in_stream, weighting, cfg, device,
-                                         phase, pw, pa, iters, seed + pi))
+    # The weight phase switches this unit's activation quantizers off (Q-Diffusion's weight
+    # pass); whatever phases run, the unit ends exactly as quantized as it started (also with
+    # no activation phase, and quantizers that a recipe left off stay off).
+    act_enabled = [(q, q.enabled) for q in runner.act_quantizers]
+    try:
+        for pi, (phase, pw, pa, iters) in enumerate(phases):
+            if phase == "activations":
+                for wq in wqs:  # sequential: weights are final before step sizes are learned
+                    wq.fold()
+            entry["phases"].append(_optimize(runner, caches, in_stream, weighting, cfg, device,
+                                             phase, pw, pa, iters, seed + pi))
+    finally:
+        for q, enabled in act_enabled:
+            q.enabled = enabled
     for layer in runner.layers:
         for wq in layer.weight_quantizers or []:
             wq.fold()
