@@ -258,7 +258,9 @@ class Executor(Plugin, ABC):
 
     @abstractmethod
     def run_cells(self, cells: list, run_one: Callable[[Any, torch.device], None]) -> None:
-        """Run ``run_one(cell, device)`` for every cell."""
+        """Run ``run_one(cell, device)`` for every cell (in this process), or run the cells in
+        other processes through ``run_one.job`` and report each record back with
+        ``run_one.finished`` (see :class:`ptqbench.pipeline.runner.CellDispatch`)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ def select_cells(cells: list[Cell], models=(), bits=(), methods=(), keys=()) -> 
               and (not keys or any(c.key.startswith(k) for k in keys))]
     if not chosen:
         raise PtqbenchError("no cell of this suite matches all of the given filters")
+    keep = {c.key for c in chosen}
     pairs = {c.fp_gen_key for c in chosen if not c.is_fp}
-    return [c for c in cells if c in chosen or (c.is_fp and c.gen_key in pairs)]
+    return [c for c in cells if c.key in keep or (c.is_fp and c.gen_key in pairs)]
 
 
 def make_runner(loaded: LoadedSuite, registry: Registry, output: Optional[str | Path] = None,
