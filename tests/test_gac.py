@@ -38,15 +38,16 @@ def problem(n=12, v=10, eta=0.5, dtype=D, iterations=20, batch_size=4):
     return ctx, calib, val
 
 
+@pytest.mark.parametrize("jacobian", ["linearise", "materialise"])
 @pytest.mark.parametrize("mode,vectorize", [("forward", True), ("forward", False),
                                             ("reverse", True), ("reverse", False)])
-def test_meta_gradient_matches_finite_differences(mode, vectorize):
+def test_meta_gradient_matches_finite_differences(mode, vectorize, jacobian):
     ctx, _, _ = problem()
     groups = timestep_groups(ctx.val_step, 3)
     idx = torch.tensor([0, 3, 5, 7, 11])
     w = torch.softmax(torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=D), 0)
     res = meta_gradient(ctx, ctx.params, w, idx, groups, eta=0.5, mode=mode,
-                        vectorize=vectorize)
+                        vectorize=vectorize, jacobian=jacobian)
     eps = 1e-6
     fd = torch.zeros(len(idx), dtype=D)
     for j, i in enumerate(idx):
@@ -61,7 +62,7 @@ def test_meta_gradient_matches_finite_differences(mode, vectorize):
                                surrogate_value(ctx, ctx.params, w, idx, groups, 0.5))
     # and the gradient-matching term is not negligible in this problem
     no_gm = meta_gradient(ctx, ctx.params, w, idx, groups, eta=0.5, gm_weight=0.0, mode=mode,
-                          vectorize=vectorize)
+                          vectorize=vectorize, jacobian=jacobian)
     assert (no_gm.grad_w - res.grad_w).abs().max() > 0.1 * res.grad_w.abs().max()
 
 
@@ -215,8 +216,9 @@ def test_meta_step_and_weights_do_not_synchronise(monkeypatch):
     with _NoSync(monkeypatch):
         for mode in ("forward", "reverse"):
             for vectorize in (True, False):
-                meta_gradient(ctx, ctx.params, w, idx, groups, 0.5, mode=mode,
-                              vectorize=vectorize)
+                for jacobian in ("linearise", "materialise"):
+                    meta_gradient(ctx, ctx.params, w, idx, groups, 0.5, mode=mode,
+                                  vectorize=vectorize, jacobian=jacobian)
         gw.weights(idx)
         gw.observe(1, idx, torch.rand(4), ctx)  # not a meta iteration
 
@@ -237,7 +239,7 @@ def test_needs_validation_and_checks_options():
         GradientAligned().prepare(calib, None, CTX)
     for opts, bad in (({"tau": 0}, "tau"), ({"groups": 0}, "groups"),
                       ({"meta_lr": -1}, "meta_lr"), ({"alternate": "yes"}, "alternate"),
-                      ({"autodiff": "fwd"}, "autodiff"), ({"inner_lr": 0}, "inner_lr"),
+                      ({"autodiff": "fwd"}, "autodiff"), ({"jacobian": "full"}, "jacobian"), ({"inner_lr": 0}, "inner_lr"),
                       ({"validation_fraction": 0}, "validation_fraction"),
                       ({"meta_batch_size": 0}, "meta_batch_size"),
                       ({"val_batch_size": 0}, "val_batch_size"),
@@ -264,7 +266,7 @@ def test_falls_back_when_a_transform_fails(monkeypatch):
     seen = []
 
     def picky(*args, **kw):
-        seen.append((kw["mode"], kw["vectorize"]))
+        seen.append((kw["jacobian"], kw["mode"], kw["vectorize"]))
         if kw["vectorize"]:
             raise RuntimeError("no batching rule for some op")
         return real(*args, **kw)
@@ -272,9 +274,12 @@ def test_falls_back_when_a_transform_fails(monkeypatch):
     monkeypatch.setattr("ptqbench_plugins.weightings.gradient_aligned.meta_gradient", picky)
     gw = GradientAligned(meta_steps=2)
     run_block(gw, ctx, calib, val, iterations=0)
-    assert seen == [("forward", True), ("forward", False), ("forward", False)]
-    assert gw.state()["blocks"]["fake"]["autodiff"] == "forward"
-    strict = GradientAligned(meta_steps=1, autodiff="forward")
+    # per-sample vmapping first (small block), then products by autodiff, then no vmap at all
+    assert seen == [("materialise", "reverse", True), ("linearise", "reverse", True),
+                    ("linearise", "reverse", False), ("linearise", "reverse", False)]
+    assert gw.state()["blocks"]["fake"]["autodiff"] == "reverse"
+    assert gw.state()["blocks"]["fake"]["jacobian"] == "linearise"
+    strict = GradientAligned(meta_steps=1, autodiff="reverse")
     monkeypatch.setattr("ptqbench_plugins.weightings.gradient_aligned.meta_gradient",
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):

@@ -40,9 +40,19 @@ Options and defaults
 - ``reset_per_block`` = True: weights are re-learned from uniform for every block. A block that
   the reconstructor optimises in several phases (Q-Diffusion's weights-then-activations) learns
   its weights in the first phase and keeps them for the later ones.
-- ``autodiff`` = "auto": forward-over-reverse derivatives with the per-group products batched
-  by torch.func.vmap; on an op without a vmap rule it loops over groups, on one without a
-  forward-mode derivative it uses reverse mode only ("forward"/"reverse" pin the mode).
+- ``autodiff`` = "auto": reverse-mode derivatives, the per-group products batched by
+  torch.func.vmap; each group's gradient pass is kept for its Hessian-vector product (reverse
+  over reverse), which measured 2-3x faster per meta step than forward-over-reverse on the
+  tiny model (CPU; ``benchmarks/results/gac_cost.md``). On an op without a vmap rule it loops
+  over groups, on one without a double-backward it tries forward-over-reverse
+  ("forward"/"reverse" pin the mode).
+- ``jacobian`` = "auto": form U, the minibatch's per-sample gradients (|B| x P), once per meta
+  step and take every product with it as a matmul, when it needs at most ``jacobian_max_mb``
+  (256 MiB; P is the block's quantization parameters, at most ~0.5 M on cifar10-ddpm-s, so
+  ~65 MB at |B| = 32); otherwise (or if per-sample vmapping fails on the block's code) the 2G + 2
+  products are separate autodiff passes over the minibatch, as before. Same results; on
+  cifar10-ddpm-s a meta step got several times cheaper (benchmarks/results/gac_cost.md).
+  "materialise" / "linearise" pin the choice.
 - ``cuda_graph`` = "auto": on CUDA, replay each block's meta step as a CUDA graph (the step is
   launch-bound: hundreds of small kernels); it falls back to eager if capture fails.
 - ``seed`` = None: meta-batch order seed (None = the cell's seed).
@@ -56,13 +66,14 @@ from typing import Optional
 import torch
 
 from ptqbench import Weighting, hookimpl
-from ptqbench.calib.gac import (GraphedMetaGradient, meta_gradient, softmax_backward,
-                                timestep_groups)
+from ptqbench.calib.gac import (GraphedMetaGradient, jacobian_bytes, meta_gradient,
+                                softmax_backward, timestep_groups)
 from ptqbench.calib.selection import check_float, check_int
 from ptqbench.errors import PtqbenchError
 
 S_INIT = 1.0 / 32  # the paper's initial logit
 AUTODIFF = ("auto", "forward", "reverse")
+JACOBIAN = ("auto", "materialise", "linearise")
 
 
 class GradientAligned(Weighting):
@@ -78,14 +89,16 @@ class GradientAligned(Weighting):
                  gm_weight: float = 1.0, validation_fraction: Optional[float] = None,
                  reset_per_block: bool = True, autodiff: str = "auto",
                  cuda_graph="auto", seed: Optional[int] = None,
-                 normalize_meta_grad: bool = True):
+                 normalize_meta_grad: bool = True, jacobian: str = "auto",
+                 jacobian_max_mb: float = 256.0):
         super().__init__(tau=tau, groups=groups, meta_lr=meta_lr, meta_steps=meta_steps,
                          meta_batch_size=meta_batch_size, val_batch_size=val_batch_size,
                          inner_lr=inner_lr, alternate=alternate,
                          gm_weight=gm_weight, validation_fraction=validation_fraction,
                          reset_per_block=reset_per_block, autodiff=autodiff,
                          cuda_graph=cuda_graph, seed=seed,
-                         normalize_meta_grad=normalize_meta_grad)
+                         normalize_meta_grad=normalize_meta_grad, jacobian=jacobian,
+                         jacobian_max_mb=jacobian_max_mb)
         self.tau = check_float("tau", tau, 0.0, float("inf"), low_open=True)
         self.groups = check_int("groups", groups)
         self.meta_lr = check_float("meta_lr", meta_lr, 0.0, float("inf"))
@@ -112,9 +125,16 @@ class GradientAligned(Weighting):
             raise PtqbenchError(f"option 'autodiff' must be one of {', '.join(AUTODIFF)}, "
                                 f"got {autodiff!r}")
         self.autodiff = autodiff
-        modes = {"auto": ("forward", "reverse"), "forward": ("forward",),
+        modes = {"auto": ("reverse", "forward"), "forward": ("forward",),
                  "reverse": ("reverse",)}[autodiff]
         self._configs = [(m, v) for m in modes for v in (True, False)]
+        if jacobian not in JACOBIAN:
+            raise PtqbenchError(f"option 'jacobian' must be one of {', '.join(JACOBIAN)}, "
+                                f"got {jacobian!r}")
+        self.jacobian = jacobian
+        self.jacobian_max_mb = check_float("jacobian_max_mb", jacobian_max_mb, 0.0,
+                                           float("inf"))
+        self._jac = "linearise"  # this block's choice (begin_block)
         self._cfg = 0
         if cuda_graph not in ("auto", True, False):
             raise PtqbenchError(f"option 'cuda_graph' must be auto, true or false, "
@@ -194,6 +214,9 @@ class GradientAligned(Weighting):
         self._trace: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._val_batches = self._draw_val_batches(device)
         self._use_graph = device.type == "cuda" and self.cuda_graph in ("auto", True)
+        small = jacobian_bytes(ctx.params, self._bs) <= self.jacobian_max_mb * 2 ** 20
+        self._jac = ("materialise" if self.jacobian == "materialise"
+                     or (self.jacobian == "auto" and small) else "linearise")
         self._graphed = None  # one graph per block: shapes and parameter storage are per block
         if not self.alternate:
             t0 = _synced_clock(device)
@@ -227,19 +250,25 @@ class GradientAligned(Weighting):
             mode, vectorize = self._configs[self._cfg]
             kwargs = dict(eta=self._eta, gm_weight=self.gm_weight, mode=mode,
                           calib_steps=self._calib_steps_dev, val_steps=self._val_steps_dev,
-                          vectorize=vectorize)
+                          vectorize=vectorize, jacobian=self._jac)
+            cfg = (self._cfg, self._jac)
             try:
                 if self._use_graph:
-                    if self._graphed is None or self._graphed_cfg != self._cfg:
+                    if self._graphed is None or self._graphed_cfg != cfg:
                         self._graphed = GraphedMetaGradient(ctx, ctx.params, groups, kwargs)
-                        self._graphed_cfg = self._cfg
+                        self._graphed_cfg = cfg
                     res = self._graphed(w, idx, groups)
                 else:
                     res = meta_gradient(ctx, ctx.params, w, idx, groups, **kwargs)
                 break
             except (RuntimeError, NotImplementedError):
-                # some op of the block lacks a vmap rule or a forward-mode derivative: fall
-                # back (loop over groups, then reverse mode only) and stay there
+                # some op of the block cannot be vmapped over samples: products by autodiff for
+                # this block (only pinned "materialise" is an error)
+                if self._jac == "materialise" and self.jacobian == "auto":
+                    self._jac = "linearise"
+                    continue
+                # some op lacks a vmap rule or a forward-mode derivative: fall back (loop over
+                # groups, then reverse mode only) and stay there
                 if self._cfg + 1 >= len(self._configs):
                     raise
                 self._cfg += 1
@@ -305,6 +334,7 @@ class GradientAligned(Weighting):
                                                     is not None else "eager")),
             "autodiff": "{}{}".format(*self._configs[self._cfg][:1],
                                       "+vmap" if self._configs[self._cfg][1] else ""),
+            "jacobian": self._jac,
             "weight_min": float(w.min()), "weight_max": float(w.max()),
             "weight_by_step": {int(s): float(sums[s] / counts[s])
                                for s in range(S) if (steps == s).any()},

@@ -1,12 +1,15 @@
 """Cost of the calibration-data stages on a real model (run on the GPU machine).
 
     python -m ptqbench.calib.bench MODEL_DIR [--device cuda] [--blocks 4] [--json out.json]
+        [--variant NAME:key=value,key=value ...]
 
 1. records FP trajectories for uniform-steps 20 x 256 + a 5 % validation set (DDIM 100 quad
    steps, as Q-Diffusion on CIFAR-10), then loads them again (cache hit);
 2. quantizes W4A8 and runs the real BRECQ loop on the first ``--blocks`` blocks with the
    ``gradient-aligned`` weighting, timing per block the meta steps (before reconstruction) and
    the reconstruction iterations, i.e. the cost of one meta step in reconstruction iterations;
+   once per ``--variant`` (GAC options; default: U by autodiff vs materialised, CUDA graph vs
+   eager), with the largest weight difference of each variant from the first;
 3. repeats one block in ``alternate`` mode with ``torch.cuda.set_sync_debug_mode("error")``
    around every ``observe``/``weights`` call: any host synchronisation in the hot path raises.
 """
@@ -84,10 +87,24 @@ class TimingProbe:
         self.rows.append({"block": ctx.block.name, "phase": getattr(ctx, "phase", None),
                           "quant_params": params, "meta_steps": st["meta_steps"],
                           "meta_seconds": self._t_meta, "recon_iterations": ctx.iterations,
-                          "recon_seconds": recon, "autodiff": st["autodiff"]})
+                          "recon_seconds": recon, "autodiff": st["autodiff"],
+                          "jacobian": st.get("jacobian")})
 
     def state(self):
         return self.inner.state()
+
+
+def _variant(text: str) -> tuple[str, dict]:
+    """'name:key=value,key=value' -> (name, options); values parsed as TOML scalars."""
+    import tomllib
+
+    name, _, rest = text.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        value = value.strip()
+        opts[key.strip()] = None if value == "none" else tomllib.loads(f"v = {value}")["v"]
+    return name, opts
 
 
 def main(argv=None) -> dict:
@@ -101,6 +118,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--meta-steps", type=int, default=20)
     ap.add_argument("--val-batch-size", type=int, default=None)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:key=value,... GAC options of one timed run (repeatable)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -152,17 +171,22 @@ def main(argv=None) -> dict:
                 r["cuda_graph"] = weighting.state()["blocks"][r["block"]].get("cuda_graph")
         return probe.rows, weighting.block_weights
 
-    runs = {"graph": dict(cuda_graph="auto"), "eager": dict(cuda_graph=False)}
+    runs = dict(_variant(v) for v in args.variant) if args.variant else {
+        "linearise": dict(jacobian="linearise"), "materialise": dict(jacobian="materialise"),
+        "materialise_eager": dict(jacobian="materialise", cuda_graph=False)}
     if args.val_batch_size:
-        runs["graph_val_batch"] = dict(cuda_graph="auto", val_batch_size=args.val_batch_size)
+        runs["materialise_val_batch"] = dict(jacobian="materialise",
+                                             val_batch_size=args.val_batch_size)
     weights = {}
     for name, opts in runs.items():
-        out[name], weights[name] = run(GradientAligned(meta_steps=args.meta_steps, **opts),
-                                       args.blocks, False)
-    # the graph replays must learn the same weights as eager execution
-    out["graph_vs_eager_max_abs_weight_diff"] = {
-        b: float((weights["graph"][b] - weights["eager"][b]).abs().max())
-        for b in weights["graph"] if b in weights["eager"]}
+        opts = {"meta_steps": args.meta_steps, **opts}
+        out[name], weights[name] = run(GradientAligned(**opts), args.blocks, False)
+    # same-math variants (graph vs eager, U by autodiff vs materialised) must learn the same
+    # weights; options that change the method (batch sizes) may not
+    first = next(iter(weights))
+    out["max_abs_weight_diff_vs_" + first] = {
+        name: {b: float((w[b] - weights[first][b]).abs().max()) for b in w
+               if b in weights[first]} for name, w in weights.items() if name != first}
     out["alternate_sync_checked"], _ = run(GradientAligned(meta_steps=args.meta_steps,
                                                            alternate=True), 2, True)
     text = json.dumps(out, indent=1)
@@ -176,7 +200,10 @@ def main(argv=None) -> dict:
                       f"recon {r['recon_iterations']} x "
                       f"{r['recon_seconds'] / max(r['recon_iterations'], 1):.4f}s "
                       f"ratio {r.get('meta_step_in_iterations', float('nan')):.1f} {r['autodiff']} "
-                      f"{r.get('cuda_graph') or ''}")
+                      f"{r.get('jacobian')} {r.get('cuda_graph') or ''}")
+            meta = sum(r["meta_seconds"] for r in rows)
+            recon = sum(r["recon_seconds"] for r in rows)
+            print(f"  total: meta {meta:.2f} s, reconstruction {recon:.2f} s")
     if args.json:
         Path(args.json).write_text(text)
     return out

@@ -15,14 +15,15 @@ Closed-form meta-gradient (what :func:`meta_gradient` evaluates). With M = U^T U
 r_a = M (sum_b G_b - G_a) and H_a the Hessian of L_a at theta':
       dL_GM^(2)/dw_B = k eta^3 c^3 U sum_a H_a r_a          (k = 2/(G(G-1)))
       dL_MSE/dw_B    = -eta c U grad L_MSE(theta')
-so the whole gradient is U q with one vector q in parameter space. It needs per-sample products
-U v (Jacobian-vector products of the minibatch loss vector), U^T z (one vector-Jacobian product)
-and one Hessian-vector product per group: second derivatives at most, never the third-order
-terms that differentiating L_GM itself would need, and U is never materialised.
+so the whole gradient is U q with one vector q in parameter space. It needs products U v and
+U^T z with the minibatch's per-sample gradients and one Hessian-vector product per group: second
+derivatives at most, never the third-order terms that differentiating L_GM itself would need.
+U is either formed once from per-sample gradients (``jacobian="materialise"``: |B| x P floats,
+then matmuls) or never formed (``"linearise"``: each product is an autodiff pass).
 
 Derivatives use torch.func (functional_call through ``BlockContext.forward``, vjp, jvp, grad):
-forward-over-reverse by default; ``autodiff="reverse"`` (or ``"auto"`` after a forward-mode
-failure) uses only reverse mode, for quantizer code without forward-mode formulas.
+``mode="reverse"`` keeps each group's gradient pass and takes its vjp for the Hessian-vector
+product; ``mode="forward"`` uses forward-over-reverse (jvp of the gradient) instead.
 Nothing here synchronises the device.
 """
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _sum(items: Sequence[Params]) -> Params:
 
 
 class _Linearised:
-    """Products with U, the Jacobian of the minibatch loss vector at theta."""
+    """Products with U, the Jacobian of the minibatch loss vector at theta, by autodiff
+    (U is never formed: each product is a forward- or reverse-mode pass over the minibatch)."""
 
     def __init__(self, f: Callable[[Params], torch.Tensor], theta: Params, mode: str):
         self.f, self.theta, self.mode = f, theta, mode
@@ -103,6 +105,45 @@ class _Linearised:
         def ut(z):
             return vjp(self.f, self.theta)[1](z)[0]
         return vjp(ut, torch.zeros_like(self.value))[1](v)[0]
+
+
+class _Materialised:
+    """U formed explicitly, |B| x P, from per-sample gradients (one forward and one backward
+    over the minibatch, vmapped over its samples); every later product is a matmul.
+
+    A meta step needs U against 2G + 2 vectors (the group gradients, the r_a, w_B, q); by
+    autodiff each of those is another pass over the minibatch, so forming U once is several
+    times cheaper whenever |B| x P fits in memory (P: the block's quantization parameters).
+    """
+
+    def __init__(self, ctx: BlockContext, idx: torch.Tensor, theta: Params,
+                 steps: Optional[torch.Tensor]):
+        def one(p: Params, i: torch.Tensor) -> torch.Tensor:
+            j = i.reshape(1)  # a minibatch of one: the block code sees its usual shapes
+            f = loss_vector_fn(ctx, ctx.calib_inputs(j), ctx.calib_targets(j),
+                               None if steps is None else steps[j])
+            return f(p)[0]
+
+        grads, self.value = torch.func.vmap(grad_and_value(one), in_dims=(None, 0))(theta, idx)
+        self.keys = list(theta)
+        self.shapes = [theta[k].shape for k in self.keys]
+        self.U = torch.cat([grads[k].reshape(idx.shape[0], -1) for k in self.keys], 1)
+
+    def _flat(self, v: Params) -> torch.Tensor:
+        return torch.cat([v[k].reshape(-1) for k in self.keys])
+
+    def t_apply(self, z: torch.Tensor) -> Params:  # U^T z
+        flat = z.to(self.U.dtype) @ self.U
+        return {k: part.reshape(shape) for k, part, shape in
+                zip(self.keys, flat.split([s.numel() for s in self.shapes]), self.shapes)}
+
+    def apply(self, v: Params) -> torch.Tensor:  # U v
+        return self.U @ self._flat(v).to(self.U.dtype)
+
+
+def jacobian_bytes(params: Params, batch: int) -> int:
+    """Memory of a materialised U for a minibatch of ``batch`` samples."""
+    return batch * sum(p.numel() * p.element_size() for p in params.values())
 
 
 def _hvp(f: Callable[[Params], torch.Tensor], at: Params, v: Params, mode: str) -> Params:
@@ -124,38 +165,49 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
                   groups: Sequence[torch.Tensor], eta: float, gm_weight: float = 1.0,
                   mode: str = "forward", calib_steps: Optional[torch.Tensor] = None,
                   val_steps: Optional[torch.Tensor] = None,
-                  vectorize: bool = True) -> MetaResult:
+                  vectorize: bool = True, jacobian: str = "linearise") -> MetaResult:
     """Gradient of L_VAL^(2) = gm_weight * L_GM^(2) + L_MSE with respect to w[idx].
 
     ``w`` is the simplex weight vector over all N calibration samples, ``idx`` the minibatch
     (distinct indices), ``groups`` the validation indices of each timestep group.
     ``calib_steps`` / ``val_steps`` are the sampler steps of all calibration / validation samples
     (for per-timestep activation quantizers). ``vectorize`` batches the per-group products with
-    torch.func.vmap (one pass instead of one per group); False loops over the groups.
+    U through torch.func.vmap (one pass instead of one per group); False loops over the groups.
+    ``jacobian``: "linearise" takes every product with U by autodiff, "materialise" forms U
+    from per-sample gradients first (:class:`_Materialised`); the results are the same.
     """
     theta = {k: v.detach() for k, v in params.items()}
     N, B = w.shape[0], idx.shape[0]
     c = N / B
     G = len(groups)
-    fB = loss_vector_fn(ctx, ctx.calib_inputs(idx), ctx.calib_targets(idx),
-                        None if calib_steps is None else calib_steps[idx])
-    lin = _Linearised(fB, theta, mode)
+    if jacobian == "materialise":
+        lin = _Materialised(ctx, idx, theta, calib_steps)
+    elif jacobian == "linearise":
+        fB = loss_vector_fn(ctx, ctx.calib_inputs(idx), ctx.calib_targets(idx),
+                            None if calib_steps is None else calib_steps[idx])
+        lin = _Linearised(fB, theta, mode)
+    else:
+        raise ValueError(f"jacobian must be 'linearise' or 'materialise', got {jacobian!r}")
     w_b = w.detach()[idx]
     theta_p = _axpy(-eta * c, lin.t_apply(w_b), theta)  # theta - eta * c * U^T w_B
 
+    # Group gradients at theta': one forward + backward over each group's own samples (a
+    # vmapped backward over the whole validation set would cost G times as much). In reverse
+    # mode the same pass is kept for the Hessian-vector products below (vjp of the gradient):
+    # H_a r_a then costs one more backward instead of a fresh forward + double backward.
     group_fns = [_group_loss_fn(ctx, g, val_steps) for g in groups]
     sizes = [g.shape[0] for g in groups]
     n_val = float(sum(sizes))
-    if vectorize:
-        grads_st, group_loss = _group_grads_vectorized(ctx, groups, val_steps, theta_p, w.device)
-        grads = [{k: v[a] for k, v in grads_st.items()} for a in range(G)]
-    else:
-        grads, losses = [], []
-        for fa in group_fns:
+    grads, losses, hvp_fns = [], [], []
+    for fa in group_fns:
+        if mode == "reverse":
+            g_a, hvp_a, l_a = vjp(grad_and_value(fa), theta_p, has_aux=True)
+            hvp_fns.append(hvp_a)
+        else:
             g_a, l_a = grad_and_value(fa)(theta_p)
-            grads.append(g_a)
-            losses.append(l_a)
-        group_loss = torch.stack(losses)
+        grads.append(g_a)
+        losses.append(l_a)
+    group_loss = torch.stack(losses)
     frac = [n / n_val for n in sizes]
     l_mse = sum(group_loss[a] * frac[a] for a in range(G))
     grad_mse = _sum([_scale(frac[a], grads[a]) for a in range(G)])
@@ -164,6 +216,7 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     if G >= 2 and gm_weight != 0:
         k = 2.0 / (G * (G - 1))
         if vectorize:  # (G, |B|): U G_a, and r_a = U^T (p_tot - p_a), each in one batched pass
+            grads_st = {kk: torch.stack([g[kk] for g in grads]) for kk in grads[0]}
             p = torch.func.vmap(lin.apply)(grads_st)
             r_st = torch.func.vmap(lin.t_apply)(p.sum(0, keepdim=True) - p)
             rs = [{kk: v[a] for kk, v in r_st.items()} for a in range(G)]
@@ -174,7 +227,10 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
         # g_a = -eta c p_a, so g_a . g_b = (eta c)^2 p_a . p_b
         gram = p @ p.T
         l_gm = -k * (eta * c) ** 2 * (gram.sum() - gram.diagonal().sum()) / 2
-        hv = _sum([_hvp(fa, theta_p, rs[a], mode) for a, fa in enumerate(group_fns)])
+        if hvp_fns:  # H_a is symmetric: its vjp is the Hessian-vector product
+            hv = _sum([hvp_fns[a](rs[a])[0] for a in range(G)])
+        else:
+            hv = _sum([_hvp(fa, theta_p, rs[a], mode) for a, fa in enumerate(group_fns)])
         q = _axpy(gm_weight * k * (eta * c) ** 3, hv, q)
         l_gm = gm_weight * l_gm
     else:  # one group: nothing to align
@@ -187,23 +243,6 @@ def _group_loss_fn(ctx: BlockContext, gidx: torch.Tensor, val_steps: Optional[to
     fv = loss_vector_fn(ctx, ctx.val_inputs(gidx), ctx.val_targets(gidx),
                         None if val_steps is None else val_steps[gidx])
     return lambda p: fv(p).mean()
-
-
-def _group_grads_vectorized(ctx: BlockContext, groups: Sequence[torch.Tensor],
-                            val_steps: Optional[torch.Tensor], at: Params, device
-                            ) -> tuple[Params, torch.Tensor]:
-    """All group gradients from one forward over the validation samples and one batched
-    backward (the cotangent of group a averages its own samples)."""
-    all_idx = torch.cat(list(groups))
-    f = loss_vector_fn(ctx, ctx.val_inputs(all_idx), ctx.val_targets(all_idx),
-                       None if val_steps is None else val_steps[all_idx])
-    values, back = vjp(f, at)
-    gid = torch.cat([torch.full((g.shape[0],), a, device=values.device, dtype=torch.long)
-                     for a, g in enumerate(groups)])
-    onehot = torch.nn.functional.one_hot(gid, len(groups)).T.to(values.dtype)
-    cot = onehot / onehot.sum(1, keepdim=True)  # device-side sizes: CUDA-graph capturable
-    grads = torch.func.vmap(lambda z: back(z)[0])(cot)
-    return grads, cot @ values
 
 
 def softmax_backward(w: torch.Tensor, grad_w_full: torch.Tensor, tau: float) -> torch.Tensor:

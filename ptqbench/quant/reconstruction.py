@@ -330,7 +330,9 @@ def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weigh
     graphed = loop.graphable(weighting)
     for p in alphas + scales:
         p.requires_grad_(True)
-    weighting.begin_block(ctx)
+    # the weighting's per-block work (GAC's meta steps) runs at the loop's precision too
+    with _tf32(cfg.tf32 and device.type == "cuda"):
+        weighting.begin_block(ctx)
     try:
         with _tf32(cfg.tf32 and device.type == "cuda"):
             if graphed:
