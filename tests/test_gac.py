@@ -239,13 +239,20 @@ def test_needs_validation_and_checks_options():
         GradientAligned().prepare(calib, None, CTX)
     for opts, bad in (({"tau": 0}, "tau"), ({"groups": 0}, "groups"),
                       ({"meta_lr": -1}, "meta_lr"), ({"alternate": "yes"}, "alternate"),
-                      ({"autodiff": "fwd"}, "autodiff"), ({"jacobian": "full"}, "jacobian"), ({"inner_lr": 0}, "inner_lr"),
+                      ({"autodiff": "fwd"}, "autodiff"), ({"jacobian": "full"}, "jacobian"),
+                      ({"inner_lr": 0}, "inner_lr"),
                       ({"validation_fraction": 0}, "validation_fraction"),
                       ({"meta_batch_size": 0}, "meta_batch_size"),
                       ({"val_batch_size": 0}, "val_batch_size"),
+                      ({"val_batch_size": "full"}, "val_batch_size.*'all'"),
                       ({"cuda_graph": "yes"}, "cuda_graph")):
         with pytest.raises(PtqbenchError, match=bad):
             GradientAligned(**opts)
+    # TOML has no null: words spell "the whole validation set" / "the reconstruction batch"
+    gw = GradientAligned(val_batch_size="all", meta_batch_size="reconstruction", meta_steps=1)
+    assert gw.val_batch_size is None and gw.meta_batch_size is None
+    run_block(gw, ctx, calib, val, iterations=0)
+    assert gw.state()["blocks"]["fake"]["meta_batch_size"] == ctx.batch_size
 
 
 def test_validation_fraction_subsamples_equally_per_step():

@@ -27,12 +27,13 @@ Options and defaults
   reconstruction batch): 80 meta steps per block for 5120 samples. A meta step has costs that
   do not grow with its batch (the validation pass, kernel launches), so fewer, larger steps make
   the pass cheaper; a larger batch also makes the inner step a less noisy estimate of the
-  full-set weighted step. ``None`` = the reconstruction batch size.
+  full-set weighted step. ``"reconstruction"`` (or None) = the reconstruction batch size.
 - ``val_batch_size`` = 64: validation samples per meta step, val_batch_size // G drawn from
   each group (12 of each of 5 groups; the cross-group products in L_GM stay unbiased: groups
   are disjoint and drawn independently); over a pass each of cifar10's 260 validation samples
   is used ~18 times.
-  ``None`` = the whole validation set every step (the paper's Algorithm 2 as written).
+  ``"all"`` (or None) = the whole validation set every step (the paper's Algorithm 2 as
+  written).
   Measured on cifar10-ddpm-s (W4A8, 2000 + 500 iterations per block, one H200 per cell, same
   run): calibration 123.7 s with 64/64 against 96.4 s for the same reconstruction with uniform
   weights (1.28x; meta steps 22.8 s), and 160.2 s (1.66x; meta steps 56.0 s) with the whole
@@ -108,10 +109,9 @@ class GradientAligned(Weighting):
         self.groups = check_int("groups", groups)
         self.meta_lr = check_float("meta_lr", meta_lr, 0.0, float("inf"))
         self.meta_steps = None if meta_steps is None else check_int("meta_steps", meta_steps, 0)
-        self.meta_batch_size = (None if meta_batch_size is None
-                                else check_int("meta_batch_size", meta_batch_size))
-        self.val_batch_size = (None if val_batch_size is None
-                               else check_int("val_batch_size", val_batch_size))
+        # TOML has no null: "reconstruction" / "all" spell the None of these two options
+        self.meta_batch_size = _size_or_none("meta_batch_size", meta_batch_size, "reconstruction")
+        self.val_batch_size = _size_or_none("val_batch_size", val_batch_size, "all")
         self.inner_lr = (None if inner_lr is None
                          else check_float("inner_lr", inner_lr, 0.0, float("inf"), low_open=True))
         for opt, val in (("alternate", alternate), ("reset_per_block", reset_per_block),
@@ -354,6 +354,14 @@ class GradientAligned(Weighting):
     def state(self) -> dict:
         return {"kind": "gradient-aligned", "options": dict(self.options),
                 "blocks": self._blocks}
+
+
+def _size_or_none(name: str, value, word: str) -> Optional[int]:
+    if value is None or value == word:
+        return None
+    if isinstance(value, str):
+        raise PtqbenchError(f"option {name!r} must be an integer >= 1 or {word!r}, got {value!r}")
+    return check_int(name, value)
 
 
 def _synced_clock(device) -> float:
