@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from .errors import PtqbenchError
-from .metrics.significance import not_significantly_different
+from .metrics.significance import not_significantly_different, seed_interval
 from .store import Store
 
 KEYS = ["model", "sampler", "bits", "method"]
@@ -70,8 +70,10 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 
 def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
                 sort: Optional[str] = None) -> pd.DataFrame:
-    """One row per (model, sampler, bits, method) over finished cells; seeds are averaged (the
-    CI shown is then the mean of the per-seed CIs). Per (model, sampler) the FP reference row
+    """One row per (model, sampler, bits, method) over finished cells. Several seeds are
+    averaged and their interval is the 95% t-interval of that mean across seeds (calibration and
+    sampling randomness together; never narrower than the per-seed intervals; see
+    :func:`ptqbench.metrics.significance.seed_interval`). Per (model, sampler) the FP reference row
     comes first, then each bit-width's rows sorted by the sort metric; ``same_as_best`` marks
     rows not significantly different from the best row of their bit-width (95% intervals,
     rule in ptqbench.metrics.significance)."""
@@ -94,6 +96,7 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
     agg.update({"seconds": "mean", "calibration_seconds": "mean", "seed": "count",
                 "num_samples": "first", "_root": "first", "_gen": "first", "_fp_gen": "first"})
     board = ok.groupby(KEYS, dropna=False).agg(agg).reset_index().rename(columns={"seed": "seeds"})
+    _seed_intervals(ok, board, metrics)
     sort = sort or next((m for m in SORT_PREFERENCE if m in metrics), None)
     board["same_as_best"] = False
     if sort is None:
@@ -115,6 +118,23 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
                 i != group.index[0] and _overlap(row, best, sort) for i, row in group.iterrows()]
             parts.append(group)
     return pd.concat(parts).reset_index(drop=True)
+
+
+def _seed_intervals(ok: pd.DataFrame, board: pd.DataFrame, metrics: list[str]) -> None:
+    """Replace the averaged per-seed intervals of multi-seed rows by the across-seed interval."""
+    if not (board["seeds"] > 1).any():
+        return
+    groups = ok.groupby(KEYS, dropna=False)
+    for i, row in board[board["seeds"] > 1].iterrows():
+        cells = groups.get_group(tuple(row[k] for k in KEYS))
+        for m in metrics:
+            values = cells[m].dropna()
+            if len(values) < 2:
+                continue
+            widths = ((cells[f"{m}__hi"] - cells[f"{m}__lo"]) / 2).dropna()
+            lo, hi = seed_interval([float(v) for v in values],
+                                   float(widths.mean()) if len(widths) else 0.0)
+            board.at[i, f"{m}__lo"], board.at[i, f"{m}__hi"] = lo, hi
 
 
 def _paired_marks(group: pd.DataFrame, metric: str) -> Optional[list[bool]]:
@@ -206,7 +226,9 @@ def to_markdown(board: pd.DataFrame) -> str:
     header, rows = display_table(board)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    note = ("\n± is the half-width of the 95% confidence interval; ≈ marks rows not significantly "
+    note = ("\n± is the half-width of the 95% confidence interval (one seed: over samples; "
+            "several seeds: t-interval of the mean across seeds, which covers calibration "
+            "randomness too); ≈ marks rows not significantly "
             "different from the best row of the same model, sampler and bit-width "
             "(|a - b| <= sqrt(h_a^2 + h_b^2); for paired metrics a paired bootstrap over the "
             "samples, which share seeds).\n")
@@ -235,8 +257,9 @@ def print_rich(board: pd.DataFrame, console=None, title: str = "ptqbench leaderb
     for r, (_, raw) in zip(rows, board.iterrows()):
         table.add_row(*r, style="bold" if raw["method"] == "fp" else None)
     console.print(table)
-    console.print("± = half-width of the 95% CI; ≈ = not significantly different from the best "
-                  "row of its bit-width (paired metrics: paired test over samples)", style="dim")
+    console.print("± = half-width of the 95% CI (several seeds: across seeds); ≈ = not "
+                  "significantly different from the best row of its bit-width (paired metrics: "
+                  "paired test over samples)", style="dim")
 
 
 def failed_cells(df: pd.DataFrame) -> pd.DataFrame:

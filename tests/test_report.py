@@ -125,3 +125,28 @@ def test_a_resumed_cell_counts_the_calibration_it_reused(tmp_path):
     Store(tmp_path).write_record("k", r)
     row = records_frame(load_records(tmp_path)).iloc[0]
     assert row["seconds"] == 130.0 and row["calibration_seconds"] == 110.0
+
+
+def test_several_seeds_get_the_interval_across_seeds(tmp_path):
+    # Two methods whose per-seed intervals are tight but whose values move with the seed
+    # (calibration randomness): the row's interval must cover that spread.
+    store = Store(tmp_path)
+    rows = [rec("fp", "FP", 0.0, [0.0, 0.0], seed=s) for s in (0, 1, 2)]
+    rows += [rec("a", "W4A8", v, [v - 0.001, v + 0.001], seed=s)
+             for s, v in enumerate((0.050, 0.060, 0.040))]
+    rows += [rec("b", "W4A8", v, [v - 0.001, v + 0.001], seed=s)
+             for s, v in enumerate((0.052, 0.052, 0.052))]
+    for i, r in enumerate(rows):
+        store.write_record(f"k{i}", r)
+    board = leaderboard(records_frame(load_records(tmp_path)))
+    a = board[board["method"] == "a"].iloc[0]
+    b = board[board["method"] == "b"].iloc[0]
+    # mean 0.05, sd 0.01, n 3: +- 4.303 * 0.01 / sqrt(3)
+    assert a["paired_mse"] == pytest.approx(0.05)
+    assert a["paired_mse__hi"] - 0.05 == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3)
+    # seeds that agree exactly keep (never go below) the per-seed interval
+    assert b["paired_mse__hi"] - b["paired_mse"] == pytest.approx(0.001)
+    # with the seed spread counted, a (0.050) and b (0.052) are not told apart
+    assert bool(board[board["method"] == "b"]["same_as_best"].iloc[0]) or \
+        bool(board[board["method"] == "a"]["same_as_best"].iloc[0])
+    assert "across seeds" in to_markdown(board)

@@ -75,3 +75,31 @@ def format_value(v: Optional[dict], digits: int = 2) -> str:
     h = half_width(v)
     text = f"{x:.{digits}f}"
     return text if h is None else f"{text} ± {h:.{digits}f}"
+
+
+# Two-sided 95% quantiles of Student's t, degrees of freedom 1..30 (no scipy dependency).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: the multiplier of a 95% interval of a mean of df + 1 values."""
+    if df < 1:
+        raise ValueError("a t interval needs at least two values")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def seed_interval(values: list[float], per_seed_half_width: float = 0.0) -> tuple[float, float]:
+    """95% interval of the mean of one quantity measured under several seeds.
+
+    Each seed's value already carries its own sampling noise, so the spread across seeds covers
+    calibration and sampling randomness together: mean +- t * sd / sqrt(n). With few seeds the
+    sd is itself uncertain, and two seeds can agree by chance, so the interval is never made
+    narrower than ``per_seed_half_width`` (the mean of the per-seed intervals' half-widths).
+    """
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
+    h = max(t_quantile_975(n - 1) * sd / math.sqrt(n), per_seed_half_width)
+    return mean - h, mean + h
