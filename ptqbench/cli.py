@@ -73,10 +73,14 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
             cells = select_cells(cells, **select)
         out = Path(output or loaded.suite.suite.output)
         store = Store(out)
+        from .environment import code_identity
+        code = code_identity()
         click.echo(f"suite {loaded.suite.suite.name} ({loaded.file}): {len(cells)} cells -> {out}")
         for cell in cells:
             rec = store.read_record(cell.key)
             state = "new" if rec is None else rec.get("status", "?")
+            if rec is not None and rec.get("code") and rec["code"] != code:
+                state += ", other code"
             click.echo(f"  {cell.key}  {cell.title()}  [{state}]")
         return
     with Reporter(enabled=not no_progress) as reporter:
@@ -84,6 +88,13 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
                             device=device, select=select)
     console.print(f"{len(summary.cells)} cells: {len(summary.ok)} ran, {len(summary.skipped)} "
                   f"already finished, {len(summary.failed)} failed -> {summary.output}")
+    if summary.other_code:
+        keys = ", ".join(c.key for c in summary.other_code[:4])
+        more = f" and {len(summary.other_code) - 4} more" if len(summary.other_code) > 4 else ""
+        console.print(f"warning: {len(summary.other_code)} finished cells ({keys}{more}) were "
+                      f"produced by other ptqbench/plugin sources (their records' 'code' "
+                      f"differs); their results were kept. To recompute them with this code, "
+                      f"run into a fresh output folder (-o).", style="yellow")
     df = records_frame(load_records(summary.output))
     board = leaderboard(df)
     if not board.empty:

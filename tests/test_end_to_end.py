@@ -54,6 +54,20 @@ def test_tiny_suite_end_to_end(tmp_path, tiny_model_dir):
     again = CliRunner().invoke(cli, ["run", str(small_tiny_suite(tmp_path)), "-o", str(out),
                                      "--no-progress"])
     assert again.exit_code == 0 and "3 already finished" in again.output
+    assert "other ptqbench/plugin sources" not in again.output
+
+    # a record made by other code is kept, and the run says so (keys do not hash the code)
+    path = out / "records" / f"{rtn['key']}.json"
+    stale = json.loads(path.read_text())
+    stale["code"]["ptqbench"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(stale))
+    third = CliRunner().invoke(cli, ["run", str(small_tiny_suite(tmp_path)), "-o", str(out),
+                                     "--no-progress"])
+    assert third.exit_code == 0 and "3 already finished" in third.output
+    assert "1 finished cells" in third.output and rtn["key"] in third.output
+    dry = CliRunner().invoke(cli, ["run", str(small_tiny_suite(tmp_path)), "-o", str(out),
+                                   "--dry-run"])
+    assert "[ok, other code]" in dry.output
 
 
 FAILING_PLUGIN = '''

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..environment import code_identity
 from ..errors import PtqbenchError
 from ..registry import Registry, default_registry
 from ..store import Store
@@ -18,6 +19,8 @@ from .worker import CellJob
 class RunSummary:
     cells: list[Cell]
     skipped: list[Cell] = field(default_factory=list)
+    #: finished cells kept from an earlier run whose ptqbench/plugin sources differ from these
+    other_code: list[Cell] = field(default_factory=list)
     ok: list[Cell] = field(default_factory=list)
     failed: list[Cell] = field(default_factory=list)
     output: Optional[Path] = None
@@ -120,10 +123,15 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
     runner = make_runner(loaded, registry, output, reporter)
     summary = RunSummary(cells=cells, output=runner.store.root)
     todo = []
+    code = code_identity()
     for cell in cells:
         rec = runner.store.read_record(cell.key)
         if rec is not None and (rec.get("status") == "ok" or not rerun_failed):
             summary.skipped.append(cell)
+            # cell keys hash the suite's config, not the code or plugin defaults: say so when
+            # a kept result came from other sources
+            if rec.get("code") and rec["code"] != code:
+                summary.other_code.append(cell)
         else:
             todo.append(cell)
     options = dict(loaded.suite.run.executor_options)
