@@ -255,3 +255,37 @@ def test_activation_quantizers_stay_on_without_an_activation_phase(unet, tmp_pat
                                                 _ctx(tmp_path))
     assert all([p["phase"] for p in b["phases"]] == ["weights"] for b in res["blocks"])
     assert {name: aq.enabled for name, aq in act_quantizers(q)} == before
+
+
+@pytest.mark.parametrize("recipe", [{}, {"act_params": "per_step", "sampler_steps": 4}])
+def test_gac_forms_per_sample_gradients_on_real_blocks(unet, tmp_path, recipe):
+    # GAC's cheap path vmaps the block over single samples (through the block cache's gathers
+    # and, per step, the activation parameters' indexing); on these blocks it must not need
+    # the autodiff fallback, and both paths must give the same meta-gradient.
+    from ptqbench.calib.gac import meta_gradient, timestep_groups
+    from ptqbench_plugins.weightings.gradient_aligned import GradientAligned
+
+    adapter, q, calib = _setup(unet, only=FEW[2:4], **recipe)
+    val = random_calib(8, seed=1)
+    seen = {}
+
+    class Checked(GradientAligned):
+        def begin_block(self, ctx):
+            super().begin_block(ctx)
+            if ctx.block.name in seen or getattr(ctx, "phase", None) != "weights":
+                return
+            w = torch.softmax(torch.randn(len(calib), generator=torch.Generator().manual_seed(2)), 0)
+            idx, groups = torch.arange(8), timestep_groups(ctx.val_step, 2)
+            a, b = (meta_gradient(ctx, ctx.params, w, idx, groups, 1e-2, mode="reverse",
+                                  calib_steps=ctx.calib_step, val_steps=ctx.val_step,
+                                  jacobian=j).grad_w for j in ("linearise", "materialise"))
+            seen[ctx.block.name] = float((a - b).norm() / a.norm())
+
+    gw = Checked(meta_steps=2, groups=2, meta_batch_size=8, val_batch_size="all")
+    gw.prepare(calib, val, _ctx(tmp_path))
+    BRECQ(**{**FAST, "iters_w": 4, "iters_a": 4}).reconstruct(unet, q, adapter, calib, val, gw,
+                                                             _ctx(tmp_path))
+    blocks = gw.state()["blocks"]
+    assert set(blocks) == set(FEW[2:4]) == set(seen)
+    assert all(b["jacobian"] == "materialise" for b in blocks.values())
+    assert all(d < 1e-4 for d in seen.values()), seen
