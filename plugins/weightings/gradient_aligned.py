@@ -48,14 +48,14 @@ Options and defaults
   its weights in the first phase and keeps them for the later ones.
 - ``autodiff`` = "auto": reverse-mode derivatives, the per-group products batched by
   torch.func.vmap; each group's gradient pass is kept for its Hessian-vector product (reverse
-  over reverse), which measured 2-3x faster per meta step than forward-over-reverse on the
-  tiny model (CPU; ``benchmarks/results/gac_cost.md``). On an op without a vmap rule it loops
+  over reverse): those HVPs measured 2.3-2.6x faster than forward-over-reverse ones on an
+  H200 (cifar10-ddpm-s blocks; ``benchmarks/results/gac_cost.md``). On an op without a vmap rule it loops
   over groups, on one without a double-backward it tries forward-over-reverse
   ("forward"/"reverse" pin the mode).
 - ``jacobian`` = "auto": form U, the minibatch's per-sample gradients (|B| x P), once per meta
   step and take every product with it as a matmul, when it needs at most ``jacobian_max_mb``
   (256 MiB; P is the block's quantization parameters, at most ~0.5 M on cifar10-ddpm-s, so
-  ~65 MB at |B| = 32); otherwise (or if per-sample vmapping fails on the block's code) the 2G + 2
+  ~130 MB at |B| = 64); otherwise (or if per-sample vmapping fails on the block's code) the 2G + 2
   products are separate autodiff passes over the minibatch, as before. Same results; on
   cifar10-ddpm-s a meta step got several times cheaper (benchmarks/results/gac_cost.md).
   "materialise" / "linearise" pin the choice.
@@ -89,8 +89,8 @@ class GradientAligned(Weighting):
     needs_validation = True
 
     def __init__(self, tau: float = 1.0, groups: int = 5, meta_lr: float = 1e-2,
-                 meta_steps: Optional[int] = None, meta_batch_size: Optional[int] = 64,
-                 val_batch_size: Optional[int] = 64,
+                 meta_steps: Optional[int] = None, meta_batch_size: Optional[int | str] = 64,
+                 val_batch_size: Optional[int | str] = 64,
                  inner_lr: Optional[float] = None, alternate: bool = False,
                  gm_weight: float = 1.0, validation_fraction: Optional[float] = None,
                  reset_per_block: bool = True, autodiff: str = "auto",
