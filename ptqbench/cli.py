@@ -74,12 +74,13 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
         out = Path(output or loaded.suite.suite.output)
         store = Store(out)
         from .environment import code_identity
+        from .pipeline.runner import made_by_other_code
         code = code_identity()
         click.echo(f"suite {loaded.suite.suite.name} ({loaded.file}): {len(cells)} cells -> {out}")
         for cell in cells:
             rec = store.read_record(cell.key)
             state = "new" if rec is None else rec.get("status", "?")
-            if rec is not None and rec.get("code") and rec["code"] != code:
+            if rec is not None and made_by_other_code(rec, code):
                 state += ", other code"
             click.echo(f"  {cell.key}  {cell.title()}  [{state}]")
         return

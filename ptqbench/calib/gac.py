@@ -127,6 +127,7 @@ class _Materialised:
         grads, self.value = torch.func.vmap(grad_and_value(one), in_dims=(None, 0))(theta, idx)
         self.keys = list(theta)
         self.shapes = [theta[k].shape for k in self.keys]
+        self.sizes = [s.numel() for s in self.shapes]
         self.U = torch.cat([grads[k].reshape(idx.shape[0], -1) for k in self.keys], 1)
 
     def _flat(self, v: Params) -> torch.Tensor:
@@ -135,7 +136,7 @@ class _Materialised:
     def t_apply(self, z: torch.Tensor) -> Params:  # U^T z
         flat = z.to(self.U.dtype) @ self.U
         return {k: part.reshape(shape) for k, part, shape in
-                zip(self.keys, flat.split([s.numel() for s in self.shapes]), self.shapes)}
+                zip(self.keys, flat.split(self.sizes), self.shapes)}
 
     def apply(self, v: Params) -> torch.Tensor:  # U v
         return self.U @ self._flat(v).to(self.U.dtype)
@@ -198,9 +199,10 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     group_fns = [_group_loss_fn(ctx, g, val_steps) for g in groups]
     sizes = [g.shape[0] for g in groups]
     n_val = float(sum(sizes))
+    align = G >= 2 and gm_weight != 0  # the gradient-matching term (and its HVPs) is needed
     grads, losses, hvp_fns = [], [], []
     for fa in group_fns:
-        if mode == "reverse":
+        if mode == "reverse" and align:
             g_a, hvp_a, l_a = vjp(grad_and_value(fa), theta_p, has_aux=True)
             hvp_fns.append(hvp_a)
         else:
@@ -213,7 +215,7 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     grad_mse = _sum([_scale(frac[a], grads[a]) for a in range(G)])
     q = _scale(-eta * c, grad_mse)
 
-    if G >= 2 and gm_weight != 0:
+    if align:
         k = 2.0 / (G * (G - 1))
         if vectorize:  # (G, |B|): U G_a, and r_a = U^T (p_tot - p_a), each in one batched pass
             grads_st = {kk: torch.stack([g[kk] for g in grads]) for kk in grads[0]}

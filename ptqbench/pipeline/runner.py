@@ -112,6 +112,12 @@ class CellDispatch:
         return record
 
 
+def made_by_other_code(record: dict, code: dict) -> bool:
+    """Whether a record came from other ptqbench/plugin sources than ``code`` (cell keys hash
+    the suite's config, not the code or plugin defaults, so a kept result can be stale)."""
+    return bool(record.get("code")) and record["code"] != code
+
+
 def run_suite(suite_path=None, output: Optional[str | Path] = None,
               registry: Optional[Registry] = None, reporter=None, rerun_failed: bool = True,
               device: Optional[str] = None, select: Optional[dict] = None) -> RunSummary:
@@ -128,9 +134,7 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
         rec = runner.store.read_record(cell.key)
         if rec is not None and (rec.get("status") == "ok" or not rerun_failed):
             summary.skipped.append(cell)
-            # cell keys hash the suite's config, not the code or plugin defaults: say so when
-            # a kept result came from other sources
-            if rec.get("code") and rec["code"] != code:
+            if made_by_other_code(rec, code):
                 summary.other_code.append(cell)
         else:
             todo.append(cell)
