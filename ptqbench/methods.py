@@ -12,6 +12,17 @@ Sources of the defaults:
   lambda 1.2) + fine-grained block reconstruction (FBR, joint weights/activations, QDrop).
 - GAC (ICLR 2026): uniform-steps calibration + a validation split + learned gradient-aligned
   per-sample weights during BRECQ reconstruction.
+
+Reconstruction data flow (ptqbench.quant.recon_options): the sequential presets (brecq,
+qdiffusion, ptq4dm, gac) follow BRECQ's and Q-Diffusion's code - the weight (AdaRound) phase
+reads block inputs from the quantized model with every activation quantizer off
+(``weight_input = "weights_only"``; Q-Diffusion's sample_diffusion_ddim.py: asym=True,
+act_quant=False), the activation phase reads them from the FP model (``act_input = "fp"``;
+asym=False), targets are the FP model's block outputs, activation ranges come from the
+whole-model initialisation before reconstruction, and an activation phase that raises the
+block's held-out error is undone (``keep_better``; ours). eda-dm follows QDrop/EDA-DM: one joint
+phase on the fully quantized stream mixed with the FP stream (``joint_input = "quantized"``,
+``qdrop = 0.5``).
 """
 from __future__ import annotations
 

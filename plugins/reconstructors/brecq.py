@@ -1,8 +1,10 @@
 """``brecq``: block-wise AdaRound + LSQ activation step sizes (BRECQ, as Q-Diffusion runs it).
 
 Blocks come from the model adapter. ``mode='sequential'`` (default) learns the rounding with
-activations in FP, folds it, then learns the step sizes (Q-Diffusion); ``mode='joint'`` learns
-both with activations quantized (QDrop style; add ``qdrop=0.5`` for QDrop's input dropping).
+activations in FP - on inputs from the quantized model with every activation quantizer off -
+folds it, then learns the step sizes on inputs from the FP model (Q-Diffusion's and BRECQ's data
+flow: ``weight_input='weights_only'``, ``act_input='fp'``); ``mode='joint'`` learns both with
+activations quantized (QDrop style; add ``qdrop=0.5`` for QDrop's input dropping).
 Defaults and their sources: ptqbench.quant.recon_options.SOURCES.
 """
 from ptqbench import hookimpl

@@ -187,9 +187,7 @@ def calibrate_activation_ranges(qmodel: nn.Module, adapter: ModelAdapter, calib:
     if batch_size < 1:
         raise PtqbenchError(f"calibration batch size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    sample = recipe.act_init in ("percentile", "mse")
-    for i, (_, q) in enumerate(quantizers):
-        q.observer = RangeObserver(q.num_steps, recipe.act_calib_elements, sample, seed + i)
+    observe_ranges(quantizers, recipe, seed)
     try:
         for start in range(0, len(calib), batch_size):
             sl = slice(start, start + batch_size)
@@ -198,21 +196,7 @@ def calibrate_activation_ranges(qmodel: nn.Module, adapter: ModelAdapter, calib:
             cond = None if calib.cond is None else calib.cond[sl].to(device)
             with sampler_step(calib.step[sl].to(device)):
                 adapter.denoise(qmodel, x, t, cond)
-        missing = {}
-        for name, q in quantizers:
-            obs = q.observer
-            if obs.pooled.count == 0:
-                raise PtqbenchError(f"activation quantizer {name} saw no data during "
-                                    "calibration (is the layer used by the forward pass?)")
-            q.set_range(*_group_range(obs.pooled, q, recipe))
-            absent = []
-            for k, g in enumerate(obs.steps):
-                if g.count == 0:
-                    absent.append(k)
-                else:
-                    q.set_range(*_group_range(g, q, recipe), step=k)
-            if absent:
-                missing[name] = absent
+        missing = apply_observed_ranges(quantizers, recipe)
     finally:
         for _, q in quantizers:
             q.observer = None
@@ -220,6 +204,38 @@ def calibrate_activation_ranges(qmodel: nn.Module, adapter: ModelAdapter, calib:
         layer.clear_cache()
     return {"act_quantizers": len(quantizers), "samples": len(calib), "method": recipe.act_init,
             "steps_without_data": sorted({k for v in missing.values() for k in v})}
+
+
+def observe_ranges(quantizers: list[tuple[str, ActQuantizer]], recipe, seed: int = 0) -> None:
+    """Attach statistics observers: the quantizers pass values through (activations in FP)
+    and record them until :func:`apply_observed_ranges`."""
+    recipe = recipe if isinstance(recipe, QuantRecipe) else QuantRecipe.from_dict(recipe)
+    sample = recipe.act_init in ("percentile", "mse")
+    for i, (_, q) in enumerate(quantizers):
+        q.observer = RangeObserver(q.num_steps, recipe.act_calib_elements, sample, seed + i)
+
+
+def apply_observed_ranges(quantizers: list[tuple[str, ActQuantizer]], recipe
+                          ) -> dict[str, list[int]]:
+    """Set every observed quantizer's range (pooled, then per sampler step where that step had
+    data); returns the per-step quantizers' steps without data (they keep the pooled range)."""
+    recipe = recipe if isinstance(recipe, QuantRecipe) else QuantRecipe.from_dict(recipe)
+    missing = {}
+    for name, q in quantizers:
+        obs = q.observer
+        if obs.pooled.count == 0:
+            raise PtqbenchError(f"activation quantizer {name} saw no data during "
+                                "calibration (is the layer used by the forward pass?)")
+        q.set_range(*_group_range(obs.pooled, q, recipe))
+        absent = []
+        for k, g in enumerate(obs.steps):
+            if g.count == 0:
+                absent.append(k)
+            else:
+                q.set_range(*_group_range(g, q, recipe), step=k)
+        if absent:
+            missing[name] = absent
+    return missing
 
 
 def _group_range(g, q: ActQuantizer, recipe: QuantRecipe):

@@ -4,6 +4,12 @@ Defaults follow Q-Diffusion's calibration (BRECQ engine): 20k weight iterations,
 rounding-loss weight 0.01, beta 20 -> 2 after a 0.2 warm-up, Adam lr 1e-3 on AdaRound alphas
 (BRECQ), activation step sizes lr 4e-4 for 5k iterations with cosine annealing. Plugins override
 some of them (``fbr`` follows EDA-DM's released CIFAR-10 W4A8 script).
+
+Data flow (which model feeds each phase's block inputs) follows the reference code, because it
+decides whether reconstruction beats RTN at all: the weight phase reads the quantized model with
+every activation quantizer off, the activation phase reads the FP model, and targets are always
+the FP model's block outputs (Q-Diffusion's scripts/sample_diffusion_ddim.py: asym=True,
+act_quant=False for weights; asym=False for activations; BRECQ's main_imagenet.py the same).
 """
 from __future__ import annotations
 
@@ -28,8 +34,29 @@ SOURCES = {
     "beta_start": "start of the regulariser's annealed beta (BRECQ b_range 20)",
     "beta_end": "end of beta (BRECQ b_range 2)",
     "warmup": "fraction of iterations without regulariser (BRECQ/Q-Diffusion 0.2)",
-    "input_source": "'quantized': block inputs from the quantized model (BRECQ asym=True, "
-                    "Q-Diffusion); 'fp': from the FP model",
+    "weight_input": "block inputs of the sequential weight (AdaRound) phase: 'weights_only' "
+                    "(the quantized model with every activation quantizer off: BRECQ's and "
+                    "Q-Diffusion's weight pass, set_quant_state(True, False) with asym=True), "
+                    "'quantized' (weights and upstream activations quantized), 'fp' (the FP "
+                    "model). AdaRound cannot undo upstream activation noise: fitted to it, it "
+                    "lost to RTN at W8A8 (shared/findings/reconstruction-vs-rtn.md)",
+    "act_input": "block inputs of the sequential activation (step-size) phase: 'fp' (the FP "
+                 "model: Q-Diffusion's and BRECQ's activation pass, asym=False), "
+                 "'weights_only', 'quantized'",
+    "joint_input": "block inputs of the joint phase: 'quantized' (weights and activations "
+                   "quantized, as QDrop/EDA-DM, mixed with the FP stream by qdrop), "
+                   "'weights_only', 'fp'. Targets are always the FP model's block outputs on "
+                   "FP inputs",
+    "act_reinit": "re-initialise the unit's activation ranges on its activation-phase inputs "
+                  "after its weights are final: 'none' (ranges from the whole-model "
+                  "initialisation before reconstruction) or 'after_weights' (Q-Diffusion "
+                  "initialises activation ranges after the weight pass)",
+    "holdout": "fraction of the calibration samples, stratified by sampler step, kept out of "
+               "the optimisation: the block's held-out MSE before/after every phase is "
+               "reported, and keep_better decides on it (default 0.05)",
+    "keep_better": "after the activation phase, keep the learned step sizes only if the "
+                   "block's held-out MSE did not rise; else restore the initial ones "
+                   "(default true)",
     "qdrop": "QDrop: each element of a block input is taken from the FP stream instead of the "
              "quantized one with this probability (QDrop/EDA-DM 0.5; 0 = off)",
     "loss": "'block': block-output loss; 'fbr': EDA-DM's block loss + fbr_beta * sum of the "
@@ -56,7 +83,8 @@ SOURCES = {
     "cache_on_device": "keep block caches on the accelerator: 'auto' (when they fit), true, false",
     "forward_batch_size": "batch size of cache building and block forwards (default 64)",
     "checkpoint": "save state after every block and resume from it (default true)",
-    "eval_samples": "calibration samples used to report block-output MSE before/after "
+    "eval_samples": "held-out samples (at most) used to report block-output MSE before/after; "
+                    "with holdout 0, a step-stratified subset of the calibration set "
                     "(default 256)",
     "log_every": "iterations between recorded loss values (no host sync in the loop; "
                  "default 500)",
@@ -78,7 +106,12 @@ class ReconConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
-    input_source: str = "quantized"
+    weight_input: str = "weights_only"
+    act_input: str = "fp"
+    joint_input: str = "quantized"
+    act_reinit: str = "none"
+    holdout: float = 0.05
+    keep_better: bool = True
     qdrop: float = 0.0
     loss: str = "block"
     fbr_beta: float = 0.8
@@ -99,6 +132,11 @@ class ReconConfig:
     @classmethod
     def from_options(cls, plugin: str, defaults: dict, options: dict,
                      fixed: tuple[str, ...] = ()) -> "ReconConfig":
+        if "input_source" in options:
+            raise PtqbenchError(
+                f"reconstructor {plugin!r}: option input_source was split by phase: use "
+                f"weight_input (default 'weights_only'), act_input (default 'fp') or "
+                f"joint_input (default 'quantized')")
         names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
         unknown = sorted(set(options) - names)
         if unknown:
@@ -113,6 +151,10 @@ class ReconConfig:
         return dataclasses.asdict(self)
 
 
+#: the input streams a phase can read (see weight_input / act_input / joint_input)
+STREAMS = ("fp", "weights_only", "quantized")
+
+
 def _err(plugin, name, what, v):
     raise PtqbenchError(f"reconstructor {plugin!r}: option {name} must be {what}, got {v!r}")
 
@@ -120,7 +162,8 @@ def _err(plugin, name, what, v):
 def _check(plugin: str, k: str, v: Any) -> None:
     choices = {"granularity": ("block", "layer"), "mode": ("sequential", "joint"),
                "lr_w_schedule": ("constant", "cosine"), "lr_a_schedule": ("constant", "cosine"),
-               "input_source": ("quantized", "fp"), "loss": ("block", "fbr"),
+               "weight_input": STREAMS, "act_input": STREAMS, "joint_input": STREAMS,
+               "act_reinit": ("none", "after_weights"), "loss": ("block", "fbr"),
                "loss_reduction": ("channel_sum", "mean"),
                "compile": ("auto", True, False), "cache_on_device": ("auto", True, False),
                "cuda_graph": ("auto", True, False)}
@@ -129,7 +172,7 @@ def _check(plugin: str, k: str, v: Any) -> None:
                                    and k in ("compile", "cache_on_device", "cuda_graph")):
             _err(plugin, k, "one of " + ", ".join(map(repr, choices[k])), v)
         return
-    if k in ("learn_act", "lsq_grad_scale", "tf32", "checkpoint"):
+    if k in ("learn_act", "lsq_grad_scale", "tf32", "checkpoint", "keep_better"):
         if not isinstance(v, bool):
             _err(plugin, k, "true or false", v)
         return
@@ -153,7 +196,7 @@ def _check(plugin: str, k: str, v: Any) -> None:
         _err(plugin, k, ">= 0", v)
     if k in ("beta_start", "beta_end") and not v > 0:
         _err(plugin, k, "> 0", v)
-    if k in ("warmup", "qdrop", "step_floor") and not 0 <= v < 1:
+    if k in ("warmup", "qdrop", "step_floor", "holdout") and not 0 <= v < 1:
         _err(plugin, k, "in [0, 1)", v)
 
 
@@ -161,4 +204,4 @@ def _check(plugin: str, k: str, v: Any) -> None:
 QDIFFUSION_DEFAULTS = {"granularity": "block", "mode": "sequential", "iters_w": 20000,
                        "iters_a": 5000, "lr_w": 1e-3, "lr_a": 4e-4, "batch_size": 32,
                        "round_weight": 0.01, "beta_start": 20.0, "beta_end": 2.0, "warmup": 0.2,
-                       "input_source": "quantized"}
+                       "weight_input": "weights_only", "act_input": "fp"}

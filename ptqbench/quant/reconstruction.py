@@ -28,11 +28,15 @@ from .block_cache import BlockCache, TensorStore, canonical_device, discover
 from .checkpoint import atomic_save, prepare_forms, weight_forms
 from .context import sampler_step
 from .lsq import ActQuantizer
-from .model import fold_weights, quant_layers, quant_meta
+from .model import apply_observed_ranges, fold_weights, observe_ranges, quant_layers, quant_meta
 from .modules import QuantLayer
 from .recon_options import ReconConfig
 
 CKPT_DIR = "reconstruction"
+
+#: cache stream of each phase-input option: the FP model, the quantized model with every
+#: activation quantizer off ('qw'), the fully quantized model ('q')
+STREAM_OF = {"fp": "fp", "weights_only": "qw", "quantized": "q"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +93,63 @@ def _tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def activations_off(model: nn.Module):
+    """Every activation quantizer of ``model`` passes values through (the weights-only quantized
+    model of BRECQ's/Q-Diffusion's weight pass); restores each one's state on exit."""
+    states = [(q, q.enabled) for q in model.modules() if isinstance(q, ActQuantizer)]
+    for q, _ in states:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in states:
+            q.enabled = enabled
+
+
+def phase_streams(cfg: ReconConfig) -> dict[str, str]:
+    """Cache stream read by each phase ('weights', 'activations', 'joint')."""
+    return {"weights": STREAM_OF[cfg.weight_input], "activations": STREAM_OF[cfg.act_input],
+            "joint": STREAM_OF[cfg.joint_input]}
+
+
+def needed_streams(cfg: ReconConfig) -> tuple[str, ...]:
+    """'fp' (targets, QDrop) plus the streams the configured phases read."""
+    ph = phase_streams(cfg)
+    used = [ph["joint"]] if cfg.mode == "joint" else [ph["weights"], ph["activations"]]
+    return tuple(["fp"] + sorted({s for s in used if s != "fp"}))
+
+
+def holdout_split(step: torch.Tensor, fraction: float, seed: int
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(training, held-out) sample indices; the held-out part is ``fraction`` of every sampler
+    step's samples (at least one per step when fraction > 0), drawn with ``seed``. Samples are
+    stored step-major, so a plain prefix would hold out the noisiest step only."""
+    n = step.shape[0]
+    if fraction <= 0:
+        return torch.arange(n), None
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    step = step.cpu()
+    held = []
+    for s in torch.unique(step).tolist():
+        members = perm[step[perm] == s]
+        k = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.append(members[:k])
+    hold = torch.sort(torch.cat(held)).values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[hold] = False
+    return torch.arange(n)[mask], (hold if len(hold) else None)
+
+
+def stratified_subset(step: torch.Tensor, n: int) -> torch.Tensor:
+    """About ``n`` indices spread evenly over the (step-major) calibration set."""
+    total = step.shape[0]
+    if n >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, n).round().long().unique()
 
 
 def _unit_seed(seed: int, name: str) -> int:
@@ -184,12 +245,16 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAda
     by_name = {n: (q, f, k) for n, q, f, k in units}
     skipped = [n for n, *_ in units if n not in called]
 
-    need_q = cfg.input_source == "quantized" or cfg.qdrop > 0
-    streams = ("fp", "q") if need_q else ("fp",)
+    streams = needed_streams(cfg)
+    quantized_streams = [st for st in streams if st != "fp"]
     store = TensorStore(device, cfg.cache_on_device)
     caches = {"calib": BlockCache(infos, calib, store, cfg.forward_batch_size, run, streams)}
     if val is not None and len(val):
         caches["val"] = BlockCache(infos, val, store, cfg.forward_batch_size, run, streams)
+    train_idx, hold_idx = holdout_split(calib.step, cfg.holdout, context.seed)
+    eval_idx = _eval_indices(calib.step, hold_idx, cfg.eval_samples)
+    split = _Split(train_idx.to(store.device), None if eval_idx is None else eval_idx.to(store.device),
+                   0 if hold_idx is None else len(hold_idx))
 
     ckpt = _Checkpoints(context, name, cfg, meta, [i.name for i in infos], len(calib)) \
         if cfg.checkpoint else None
@@ -208,23 +273,24 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAda
             for c in caches.values():
                 c.capture_inputs(b, "fp", fp_model, fp_units)
                 c.compute_outputs(b, "fp", fpunit)  # FP targets (and the FP stream's output)
-                if need_q:
-                    c.capture_inputs(b, "q", qmodel, q_units)
-            in_stream = "q" if cfg.input_source == "quantized" else "fp"
+                for st in quantized_streams:
+                    with _stream_mode(qmodel, st):
+                        c.capture_inputs(b, st, qmodel, q_units)
             runner = UnitRunner(b, info.name, kind, qunit, fpunit, caches["calib"], cfg, per_step)
             entry = {"name": info.name, "kind": kind}
             if ckpt is not None and ckpt.done(info.name):
                 ckpt.load(info.name, qunit)
                 entry["resumed"] = True
             else:
-                entry.update(_reconstruct_unit(runner, caches, in_stream, weighting, cfg, context,
-                                               device, info.name, kind))
+                entry.update(_reconstruct_unit(runner, caches, weighting, cfg, context, device,
+                                               info.name, kind, split, meta))
                 if ckpt is not None:
                     ckpt.save(info.name, qunit)
-            if need_q:
-                for c in caches.values():
-                    if info.last_use > b:
-                        c.compute_outputs(b, "q", qunit)
+            for c in caches.values():
+                if info.last_use > b:
+                    for st in quantized_streams:
+                        with _stream_mode(qmodel, st):
+                            c.compute_outputs(b, st, qunit)
             for c in caches.values():
                 c.drop_inputs()
                 c.free_dead(b)
@@ -237,29 +303,82 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAda
             advance(1)
     folded = fold_weights(qmodel)
     return {"reconstructor": name, "options": cfg.to_dict(), "blocks": results,
+            "streams": {"phases": phase_streams(cfg), "cached": list(streams)},
+            "holdout_samples": split.n_holdout,
             "units_not_called": skipped, "folded_after": folded,
             "cache_peak_bytes": store.peak_bytes, "seconds": time.perf_counter() - t_start,
             "weighting": weighting.state()}
 
 
-def _eval_mse(runner: UnitRunner, cache: BlockCache, stream: str, n: int) -> Optional[float]:
+class _Split:
+    """Calibration indices the optimiser draws from, and those the MSE reports (and the
+    keep-better decision) use."""
+
+    def __init__(self, train: torch.Tensor, eval: Optional[torch.Tensor], n_holdout: int):
+        self.train, self.eval, self.n_holdout = train, eval, n_holdout
+
+
+def _eval_indices(step: torch.Tensor, hold: Optional[torch.Tensor], n: int
+                  ) -> Optional[torch.Tensor]:
     if n <= 0:
         return None
-    idx = torch.arange(min(n, len(cache)), device=cache.store.device)
-    target = cache.gather(cache.streams["fp"].outputs[runner.b], idx)
+    if hold is None:
+        return stratified_subset(step, n)
+    if len(hold) <= n:
+        return hold
+    return hold[stratified_subset(step[hold], n)]
+
+
+def _stream_mode(qmodel: nn.Module, stream: str):
+    return activations_off(qmodel) if stream == "qw" else contextlib.nullcontext()
+
+
+def _eval_mse(runner: UnitRunner, cache: BlockCache, stream: str,
+              idx: Optional[torch.Tensor]) -> Optional[float]:
+    """Block-output MSE against the FP targets over ``idx``, in forward-sized batches."""
+    if idx is None:
+        return None
+    total, count = 0.0, 0
+    bs = runner.cfg.forward_batch_size
     with torch.no_grad():
-        out = runner.forward(None, cache.input_leaves(stream, idx), cache.step[idx])
-    return float((out - target).pow(2).mean())
+        for s in range(0, len(idx), bs):
+            i = idx[s:s + bs]
+            target = cache.gather(cache.streams["fp"].outputs[runner.b], i)
+            out = runner.forward(None, cache.input_leaves(stream, i), cache.step[i])
+            total += float((out - target).pow(2).sum())
+            count += target.numel()
+    return total / max(count, 1)
 
 
-def _reconstruct_unit(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weighting,
-                      cfg: ReconConfig, context: RunContext, device: torch.device,
-                      name: str, kind: str) -> dict:
+@torch.no_grad()
+def _reinit_act_ranges(runner: UnitRunner, cache: BlockCache, stream: str, idx: torch.Tensor,
+                       recipe: dict, seed: int) -> None:
+    """Re-initialise the unit's activation ranges on its ``stream`` inputs (weights final)."""
+    quantizers = [(f"{runner.name}.{i}", q) for i, q in enumerate(runner.act_quantizers)]
+    if not quantizers:
+        return
+    observe_ranges(quantizers, recipe, seed)
+    try:
+        bs = runner.cfg.forward_batch_size
+        for s in range(0, len(idx), bs):
+            i = idx[s:s + bs]
+            runner.forward(None, cache.input_leaves(stream, i), cache.step[i])
+        apply_observed_ranges(quantizers, recipe)
+    finally:
+        for _, q in quantizers:
+            q.observer = None
+    for layer in runner.layers:
+        layer.clear_cache()
+
+
+def _reconstruct_unit(runner: UnitRunner, caches: dict, weighting: Weighting, cfg: ReconConfig,
+                      context: RunContext, device: torch.device, name: str, kind: str,
+                      split: _Split, meta: dict) -> dict:
     calib = caches["calib"]
+    streams = phase_streams(cfg)
     wqs = [wq for layer in runner.layers for wq in (layer.weight_quantizers or [])
            if wq.form == "rtn"]
     aqs = runner.act_quantizers if cfg.learn_act else []
-    entry: dict[str, Any] = {"mse_before": _eval_mse(runner, calib, in_stream, cfg.eval_samples)}
     phases = []
     if cfg.mode == "joint":
         if (wqs or aqs) and cfg.iters_w > 0:
@@ -269,6 +388,9 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, in_stream: str, weightin
             phases.append(("weights", wqs, [], cfg.iters_w))
         if aqs and cfg.iters_a > 0:
             phases.append(("activations", [], aqs, cfg.iters_a))
+    first = streams[phases[0][0]] if phases else streams["weights"]
+    entry: dict[str, Any] = {"mse_before": _eval_mse(runner, calib, first, split.eval),
+                             "mse_stream": first}
     seed = _unit_seed(context.seed, name)
     entry["phases"] = []
     # The weight phase switches this unit's activation quantizers off (Q-Diffusion's weight
@@ -277,11 +399,18 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, in_stream: str, weightin
     act_enabled = [(q, q.enabled) for q in runner.act_quantizers]
     try:
         for pi, (phase, pw, pa, iters) in enumerate(phases):
+            stream = streams[phase]
             if phase == "activations":
                 for wq in wqs:  # sequential: weights are final before step sizes are learned
                     wq.fold()
-            entry["phases"].append(_optimize(runner, caches, in_stream, weighting, cfg, device,
-                                             phase, pw, pa, iters, seed + pi))
+                for layer in runner.layers:
+                    layer.clear_cache()
+                if cfg.act_reinit == "after_weights":
+                    _reinit_act_ranges(runner, calib, stream, split.train.to(calib.step.device),
+                                       meta["recipe"], seed + 1000 + pi)
+            result, before, after = _run_phase(runner, caches, stream, weighting, cfg, device,
+                                               phase, pw, pa, iters, seed + pi, split)
+            entry["phases"].append(result)
     finally:
         for q, enabled in act_enabled:
             q.enabled = enabled
@@ -289,13 +418,52 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, in_stream: str, weightin
         for wq in layer.weight_quantizers or []:
             wq.fold()
         layer.clear_cache()
-    entry["mse_after"] = _eval_mse(runner, calib, in_stream, cfg.eval_samples)
+    entry["mse_after"] = _eval_mse(runner, calib, first, split.eval)
     return entry
+
+
+def _run_phase(runner: UnitRunner, caches: dict, stream: str, weighting: Weighting,
+               cfg: ReconConfig, device: torch.device, phase: str, wqs: list, aqs: list,
+               iters: int, seed: int, split: _Split):
+    """One phase with its held-out MSE before and after (the unit's activation quantizers as
+    the phase uses them); an activation phase that raised it is undone (``keep_better``)."""
+    calib = caches["calib"]
+    act_on = phase != "weights"
+    states = [(q, q.enabled) for q in runner.act_quantizers]
+    for q in runner.act_quantizers:
+        q.enabled = act_on and q.enabled
+    before = _eval_mse(runner, calib, stream, split.eval)
+    for q, enabled in states:
+        q.enabled = enabled
+    initial = [(q, q.scale.detach().clone()) for q in aqs]
+    result = _optimize(runner, caches, stream, weighting, cfg, device, phase, wqs, aqs, iters,
+                       seed, split.train)
+    if phase == "weights":  # evaluate the rounding the unit keeps, not the soft one
+        for wq in wqs:
+            wq.fold()
+        for layer in runner.layers:
+            layer.clear_cache()
+    for q in runner.act_quantizers:
+        q.enabled = act_on and q.enabled
+    after = _eval_mse(runner, calib, stream, split.eval)
+    result.update(stream=stream, holdout_mse_before=before, holdout_mse_after=after)
+    if phase == "activations" and aqs:
+        kept = "learned"
+        if cfg.keep_better and before is not None and after > before:
+            with torch.no_grad():
+                for q, scale in initial:
+                    q.scale.copy_(scale)
+            kept = "initial"
+            result["holdout_mse_kept"] = before
+        result["kept"] = kept
+    for q, enabled in states:
+        q.enabled = enabled
+    return result, before, after
 
 
 def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weighting,
               cfg: ReconConfig, device: torch.device, phase: str, wqs: list, aqs: list,
-              iters: int, seed: int) -> dict:
+              iters: int, seed: int, train_idx: Optional[torch.Tensor] = None) -> dict:
     calib = caches["calib"]
     val = caches.get("val")
     qunit = runner.qunit
@@ -326,7 +494,7 @@ def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weigh
         inner_lr=cfg.lr_w if alphas else cfg.lr_a, iterations=iters, batch_size=cfg.batch_size)
     ctx.phase = phase  # extra attribute: 'weights', 'activations' or 'joint'
     loop = _Loop(runner, calib, in_stream, cfg, device, wqs, alphas, scales, iters, seed,
-                 target_all)
+                 target_all, train_idx)
     graphed = loop.graphable(weighting)
     for p in alphas + scales:
         p.requires_grad_(True)
@@ -378,7 +546,7 @@ class _Loop:
     STEADY_FROM = 10
 
     def __init__(self, runner, calib, in_stream, cfg, device, wqs, alphas, scales, iters, seed,
-                 target_all):
+                 target_all, train_idx=None):
         self.runner, self.calib, self.in_stream, self.cfg = runner, calib, in_stream, cfg
         self.device, self.wqs, self.alphas, self.scales = device, wqs, alphas, scales
         self.iters, self.target_all = iters, target_all
@@ -391,7 +559,11 @@ class _Loop:
             needed += [t for t in calib.inputs.get("fp", []) if t is not None]
         self.on_device = all(t.device == device for t in needed)
         self.idx_device = device if self.on_device else torch.device("cpu")
+        self.seed = seed
         self.gen = torch.Generator(device=self.idx_device).manual_seed(seed)
+        # batches are drawn from the training indices only (the held-out ones judge the phase)
+        self.train_idx = (torch.arange(self.n) if train_idx is None else train_idx
+                          ).to(self.idx_device)
         self.floors = [s.detach() * cfg.step_floor for s in scales]
         self.beta_sched = BetaSchedule(iters, cfg.beta_start, cfg.beta_end, cfg.warmup)
         self.beta_t = torch.tensor(cfg.beta_start, device=device)
@@ -415,8 +587,9 @@ class _Loop:
 
     # ---- shared pieces ------------------------------------------------------------------
     def _indices(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=self.gen,
+        pick = torch.randperm(len(self.train_idx), generator=self.gen,
                               device=self.idx_device)[:self.cfg.batch_size]
+        return self.train_idx[pick]
 
     def _set_schedules(self, it: int, lr_tensors=None, opt=None) -> None:
         beta, reg_on = self.beta_sched(it)
@@ -501,7 +674,8 @@ class _Loop:
         opt = torch.optim.Adam(groups, capturable=True, foreach=True)
         all_idx = torch.stack([self._indices() for _ in range(self.iters)])
         static_idx = all_idx[0].clone()
-        rand = torch.rand_like  # default CUDA generator: graph-safe
+        rand = torch.rand_like  # default CUDA generator: graph-safe; seeded per phase so that
+        torch.cuda.manual_seed(self.seed)  # a resumed run draws the same QDrop masks
 
         weighting = self.graph_weighting
 
