@@ -49,8 +49,12 @@ def cli():
 @click.option("--method", "methods", multiple=True, help="Only this method (repeatable).")
 @click.option("--cell", "keys", multiple=True,
               help="Only the cell whose key starts with this (repeatable; keys: --dry-run).")
+@click.option("--deterministic/--nondeterministic", default=None,
+              help="Override the suite's [run] deterministic: bit-identical records on rerun "
+                   "(seeded generators, deterministic algorithms; slower on the GPU).")
 @user_errors
-def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits, methods, keys):
+def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits, methods, keys,
+        deterministic):
     """Run SUITE (default: the embedded tiny suite, offline on a CPU in a few minutes).
 
     Rerunning a suite skips the cells that already have a record, and resumes sampling and
@@ -86,7 +90,7 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
         return
     with Reporter(enabled=not no_progress) as reporter:
         summary = run_suite(suite, output=output, reporter=reporter, rerun_failed=retry_failed,
-                            device=device, select=select)
+                            device=device, select=select, deterministic=deterministic)
     console.print(f"{len(summary.cells)} cells: {len(summary.ok)} ran, {len(summary.skipped)} "
                   f"already finished, {len(summary.failed)} failed -> {summary.output}")
     if summary.other_code:

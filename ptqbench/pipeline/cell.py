@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import environment
+from .. import environment, numerics
 from ..interfaces import MetricContext, RunContext
 from ..sampling import SamplerSpec
 from ..store import Store, atomic_write_json
@@ -127,6 +127,7 @@ class CellRunner:
         timer = StageTimer(device)
         record = self._header(cell, device)
         try:
+            record["numerics"] = numerics.configure(self.loaded.suite.run.deterministic, cell.seed)
             self._run(cell, device, timer, record)
             record["status"] = "failed" if record["metric_errors"] else "ok"
             if record["metric_errors"]:

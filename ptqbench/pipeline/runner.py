@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .. import numerics
 from ..environment import code_identity
 from ..errors import PtqbenchError
 from ..registry import Registry, default_registry
@@ -120,10 +121,13 @@ def made_by_other_code(record: dict, code: dict) -> bool:
 
 def run_suite(suite_path=None, output: Optional[str | Path] = None,
               registry: Optional[Registry] = None, reporter=None, rerun_failed: bool = True,
-              device: Optional[str] = None, select: Optional[dict] = None) -> RunSummary:
+              device: Optional[str] = None, select: Optional[dict] = None,
+              deterministic: Optional[bool] = None) -> RunSummary:
     """Run (or resume) a suite; ``select`` = select_cells() filters (models, bits, methods,
-    keys) to run only part of it."""
+    keys) to run only part of it; ``deterministic`` overrides the suite's ``[run]`` setting."""
     loaded, registry, cells = prepare(suite_path, registry)
+    if deterministic is not None:
+        loaded.suite.run.deterministic = deterministic
     if select:
         cells = select_cells(cells, **select)
     runner = make_runner(loaded, registry, output, reporter)
@@ -138,11 +142,13 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
                 summary.other_code.append(cell)
         else:
             todo.append(cell)
+    # before any CUDA library starts, here and in the worker processes that inherit it
+    numerics.prepare_process(loaded.suite.run.deterministic)
     options = dict(loaded.suite.run.executor_options)
     if device is not None:
         options["device"] = device
     executor = registry.create("executors", loaded.suite.run.executor, options)
     job = CellJob(suite_file=str(Path(loaded.file).resolve()),
-                  output=str(runner.store.root.resolve()))
+                  output=str(runner.store.root.resolve()), deterministic=deterministic)
     executor.run_cells(todo, CellDispatch(runner, job, summary, reporter))
     return summary

@@ -21,6 +21,7 @@ class CellJob:
     """What a worker process needs to run cells of one suite run (picklable)."""
     suite_file: str
     output: str
+    deterministic: Optional[bool] = None  # overrides the suite's [run] deterministic
 
 
 _runners: dict = {}  # per process: job -> (CellRunner, {cell key: Cell})
@@ -44,6 +45,8 @@ def run_cell(job: CellJob, cell_key: str, device: str) -> dict:
         from .runner import make_runner, prepare
 
         loaded, registry, cells = prepare(job.suite_file)
+        if job.deterministic is not None:
+            loaded.suite.run.deterministic = job.deterministic
         reporter = Reporter(enabled=False, prefix=f"[{os.environ.get('PTQBENCH_WORKER', device)}] ")
         _runners[job] = (make_runner(loaded, registry, job.output, reporter),
                          {c.key: c for c in cells})

@@ -109,6 +109,9 @@ class RunSettings:
     executor_options: dict[str, Any] = field(default_factory=dict)
     #: shared cache of trajectories and reference statistics (default: <output>/cache)
     cache_dir: Optional[str] = None
+    #: bit-identical records on rerun (ptqbench.numerics): seeded generators, deterministic
+    #: algorithms only, fixed cuBLAS workspace; reference suites turn it on
+    deterministic: bool = False
 
 
 @dataclass
