@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The reference run of issues 11/12 on one H200, in device calls of at most 10 minutes each.
+# Data travels in three calls (.carry/c1: wheels' partner data + Inception part 1; c2: Inception
+# part 2; c3: the model and the CIFAR train images), each of which also runs a stage:
+#   bash benchmarks/gpu_reference_run.sh smoke        # GPU unit tests (no data needed)
+#   bash benchmarks/gpu_reference_run.sh determinism-tiny   # deterministic records on CUDA, tiny model
+#   bash benchmarks/gpu_reference_run.sh evidence SECONDS   # suites/cifar10-s.toml, resumable
+#   bash benchmarks/gpu_reference_run.sh determinism SECONDS  # cifar10 cells twice + default; cost
+# Results are copied to $OUT.
+set -u
+stage=${1:?stage}
+limit=${2:-540}
+source benchmarks/device_env.sh >/dev/null
+export PYTHONUNBUFFERED=1
+case "$stage" in
+smoke)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    timeout "$limit" python3 -m pytest -q -x -p no:cacheprovider tests/test_reconstruction_gpu.py \
+        tests/test_reconstruction_dataflow.py 2>&1 | tail -15
+    ;;
+determinism-tiny)
+    timeout "$limit" python3 -m pytest -q -x -p no:cacheprovider tests/test_determinism.py 2>&1 | tail -15
+    ;;
+evidence)
+    out=/tmp/ptq-results/cifar10-s
+    mkdir -p "$out"
+    # several worker processes share the GPU; MPS lets their kernels overlap where it starts
+    nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started" || echo "no MPS"
+    timeout "$limit" ptqbench run benchmarks/cifar10-s-one-gpu.toml -o "$out" --no-progress \
+        2>&1 | grep -v "^\s*$" | tail -60
+    echo "exit: ${PIPESTATUS[0]}"
+    ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
+    ptqbench report "$out" --format csv -o "$out/leaderboard.csv" >/dev/null 2>&1
+    cat "$out/leaderboard.md" 2>/dev/null | head -60
+    tar czf "$OUT/cifar10-s-records.tgz" -C "$out" records leaderboard.md leaderboard.csv 2>/dev/null
+    ls -la "$OUT"
+    ;;
+determinism)
+    timeout "$limit" python3 benchmarks/determinism.py benchmarks/determinism.toml \
+        --json "$OUT/determinism.json" 2>&1 | grep -v "^\s*$" | tail -40
+    ;;
+*)
+    echo "unknown stage $stage" >&2; exit 2 ;;
+esac
