@@ -72,14 +72,20 @@ from typing import Optional
 import torch
 
 from ptqbench import Weighting, hookimpl
-from ptqbench.calib.gac import (GraphedMetaGradient, jacobian_bytes, meta_gradient,
-                                softmax_backward, timestep_groups)
+from ptqbench.calib.gac import (OBJECTIVES, GraphedMetaGradient, jacobian_bytes,
+                                loss_reduction, meta_gradient, softmax_backward,
+                                timestep_groups)
 from ptqbench.calib.selection import check_float, check_int
 from ptqbench.errors import PtqbenchError
 
 S_INIT = 1.0 / 32  # the paper's initial logit
 AUTODIFF = ("auto", "forward", "reverse")
 JACOBIAN = ("auto", "materialise", "linearise")
+OPTIMIZERS = ("sgd", "adam")
+#: meta_lr when not given, per meta optimiser (see the module docstring)
+META_LR = {"sgd": 0.25, "adam": 1e-2}
+INNER_STEPS = ("normalized", "sgd")
+INNER_LR = 1e-3  # eta of the unrolled step (see the module docstring)
 
 
 class GradientAligned(Weighting):
@@ -88,15 +94,21 @@ class GradientAligned(Weighting):
     #: whether prepare() needs the selector's validation set (the pipeline may skip it otherwise)
     needs_validation = True
 
-    def __init__(self, tau: float = 1.0, groups: int = 5, meta_lr: float = 1e-2,
+    def __init__(self, tau: float = 1.0, groups: int = 5, meta_lr: Optional[float] = None,
                  meta_steps: Optional[int] = None, meta_batch_size: Optional[int | str] = 64,
                  val_batch_size: Optional[int | str] = 64,
-                 inner_lr: Optional[float] = None, alternate: bool = False,
+                 inner_lr: float | str = INNER_LR, alternate: bool = False,
                  gm_weight: float = 1.0, validation_fraction: Optional[float] = None,
                  reset_per_block: bool = True, autodiff: str = "auto",
                  cuda_graph="auto", seed: Optional[int] = None,
                  normalize_meta_grad: bool = True, jacobian: str = "auto",
-                 jacobian_max_mb: float = 256.0):
+                 jacobian_max_mb: float = 256.0, objective: str = "cosine",
+                 meta_optimizer: str = "sgd", inner_step: str = "normalized"):
+        if meta_optimizer not in OPTIMIZERS:
+            raise PtqbenchError(f"option 'meta_optimizer' must be one of "
+                                f"{', '.join(OPTIMIZERS)}, got {meta_optimizer!r}")
+        if meta_lr is None:
+            meta_lr = META_LR[meta_optimizer]
         super().__init__(tau=tau, groups=groups, meta_lr=meta_lr, meta_steps=meta_steps,
                          meta_batch_size=meta_batch_size, val_batch_size=val_batch_size,
                          inner_lr=inner_lr, alternate=alternate,
@@ -104,15 +116,26 @@ class GradientAligned(Weighting):
                          reset_per_block=reset_per_block, autodiff=autodiff,
                          cuda_graph=cuda_graph, seed=seed,
                          normalize_meta_grad=normalize_meta_grad, jacobian=jacobian,
-                         jacobian_max_mb=jacobian_max_mb)
+                         jacobian_max_mb=jacobian_max_mb, objective=objective,
+                         meta_optimizer=meta_optimizer, inner_step=inner_step)
         self.tau = check_float("tau", tau, 0.0, float("inf"), low_open=True)
         self.groups = check_int("groups", groups)
         self.meta_lr = check_float("meta_lr", meta_lr, 0.0, float("inf"))
+        self.meta_optimizer = meta_optimizer
+        if objective not in OBJECTIVES:
+            raise PtqbenchError(f"option 'objective' must be one of {', '.join(OBJECTIVES)}, "
+                                f"got {objective!r}")
+        self.objective = objective
+        if inner_step not in INNER_STEPS:
+            raise PtqbenchError(f"option 'inner_step' must be one of {', '.join(INNER_STEPS)}, "
+                                f"got {inner_step!r}")
+        self.inner_step = inner_step
         self.meta_steps = None if meta_steps is None else check_int("meta_steps", meta_steps, 0)
         # TOML has no null: "reconstruction" / "all" spell the None of these two options
         self.meta_batch_size = _size_or_none("meta_batch_size", meta_batch_size, "reconstruction")
         self.val_batch_size = _size_or_none("val_batch_size", val_batch_size, "all")
-        self.inner_lr = (None if inner_lr is None
+        # "reconstruction" (or None): the reconstruction optimiser's learning rate, as before
+        self.inner_lr = (None if inner_lr is None or inner_lr == "reconstruction"
                          else check_float("inner_lr", inner_lr, 0.0, float("inf"), low_open=True))
         for opt, val in (("alternate", alternate), ("reset_per_block", reset_per_block),
                          ("normalize_meta_grad", normalize_meta_grad)):
@@ -121,6 +144,7 @@ class GradientAligned(Weighting):
         self.alternate, self.reset_per_block = alternate, reset_per_block
         self.normalize_meta_grad = normalize_meta_grad
         self._grad_scale: Optional[torch.Tensor] = None  # 1 / RMS of the block's first meta grad
+        self._fresh: Optional[int] = None  # entries of this meta batch to update (None: all)
         self._meta_seconds = 0.0
         self.gm_weight = check_float("gm_weight", gm_weight, 0.0, float("inf"))
         self.validation_fraction = (None if validation_fraction is None else
@@ -200,8 +224,10 @@ class GradientAligned(Weighting):
             self._total, self._done, self._every = 0, 0, 0
             return
         if self._s is None or self.reset_per_block:
-            self._s = torch.full((self._n,), S_INIT, device=device, requires_grad=True)
-            self._opt = torch.optim.Adam([self._s], lr=self.meta_lr)
+            self._s = torch.full((self._n,), S_INIT, device=device,
+                                 requires_grad=self.meta_optimizer == "adam")
+            self._opt = (torch.optim.Adam([self._s], lr=self.meta_lr)
+                         if self.meta_optimizer == "adam" else None)
         self._refresh()
         val_idx = self._val_idx.to(ctx.val_step.device)
         self._groups = [val_idx[g] for g in timestep_groups(ctx.val_step[val_idx], self.groups)]
@@ -216,7 +242,7 @@ class GradientAligned(Weighting):
         self._done = 0
         self._grad_scale = None
         self._meta_seconds = 0.0
-        self._trace: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._trace: list[tuple[torch.Tensor, ...]] = []  # per meta step, on the device
         self._val_batches = self._draw_val_batches(device)
         self._use_graph = device.type == "cuda" and self.cuda_graph in ("auto", True)
         small = jacobian_bytes(ctx.params, self._bs) <= self.jacobian_max_mb * 2 ** 20
@@ -225,13 +251,18 @@ class GradientAligned(Weighting):
         self._graphed = None  # one graph per block: shapes and parameter storage are per block
         if not self.alternate:
             t0 = _synced_clock(device)
-            perm = torch.randperm(self._n, generator=self._gen).to(device)
+            per_pass = math.ceil(self._n / self._bs)
             for k in range(self._total):
-                start = (k * self._bs) % self._n
-                idx = perm[start:start + self._bs]
-                if idx.shape[0] < self._bs:  # wrap around: a full, duplicate-free batch
-                    idx = torch.cat([idx, perm[:self._bs - idx.shape[0]]])
-                self._meta_step(ctx, idx)
+                j = k % per_pass
+                if j == 0:  # a new pass over the set, in a new order
+                    perm = torch.randperm(self._n, generator=self._gen).to(device)
+                idx = perm[j * self._bs:(j + 1) * self._bs]
+                fresh = idx.shape[0]
+                if fresh < self._bs:  # last of a pass: filled up to a full, duplicate-free
+                    # batch (one shape for every step), but only the fresh samples are updated
+                    # so that every sample is updated once per pass
+                    idx = torch.cat([idx, perm[:self._bs - fresh]])
+                self._meta_step(ctx, idx, fresh)
             self._meta_seconds = _synced_clock(device) - t0  # once per block: a sync is fine
 
     def _draw_val_batches(self, device) -> Optional[list[list[torch.Tensor]]]:
@@ -247,7 +278,7 @@ class GradientAligned(Weighting):
         return out
 
     # ---- the meta step --------------------------------------------------------------------
-    def _meta_step(self, ctx, idx: torch.Tensor) -> None:
+    def _meta_step(self, ctx, idx: torch.Tensor, fresh: Optional[int] = None) -> None:
         idx = idx.to(self._device)
         w = torch.softmax(self._s.detach() / self.tau, 0)
         groups = self._groups if self._val_batches is None else self._val_batches[self._done]
@@ -255,7 +286,8 @@ class GradientAligned(Weighting):
             mode, vectorize = self._configs[self._cfg]
             kwargs = dict(eta=self._eta, gm_weight=self.gm_weight, mode=mode,
                           calib_steps=self._calib_steps_dev, val_steps=self._val_steps_dev,
-                          vectorize=vectorize, jacobian=self._jac)
+                          vectorize=vectorize, jacobian=self._jac, objective=self.objective,
+                          inner_step=self.inner_step)
             cfg = (self._cfg, self._jac)
             try:
                 if self._use_graph:
@@ -277,19 +309,54 @@ class GradientAligned(Weighting):
                 if self._cfg + 1 >= len(self._configs):
                     raise
                 self._cfg += 1
-        grad_full = torch.zeros_like(w).index_put_((idx,), res.grad_w.to(w.dtype), accumulate=True)
-        self._opt.zero_grad(set_to_none=False)
-        grad_s = softmax_backward(w, grad_full, self.tau)
+        if self.meta_optimizer == "adam":
+            self._adam_step(w, idx, res.grad_w)
+        else:
+            self._sgd_step(w, idx, res.grad_w, fresh)
+        self._refresh()
+        self._done += 1
+        self._trace.append((res.l_gm, res.l_mse, res.gm_share(),
+                            _cosine(res.grad_w, res.grad_mse)))
+
+    def _sgd_step(self, w: torch.Tensor, idx: torch.Tensor, grad_w: torch.Tensor,
+                  fresh: Optional[int]) -> None:
+        """SGD on the logits of the meta batch only, with a per-block scale.
+
+        The meta-gradient informs the batch's samples relative to each other: d/ds_i of the
+        full-set objective is w_i (g_i - sum_j w_j g_j) / tau, whose sum_j runs over all
+        samples; over the batch it is estimated by the w-weighted mean of g over the batch.
+        Samples outside the batch get no update (the softmax's coupling term, tiny but
+        inflated to a full step by Adam's per-coordinate normalisation, made the weights
+        depend on the visit order), so equal meta-gradients leave the weights exactly as they
+        were, whatever the order.
+        """
+        w_b = w[idx]
+        g = grad_w.to(w.dtype)
+        grad_s = w_b * (g - (w_b * g).sum() / w_b.sum()) / self.tau
         if self.normalize_meta_grad:
             if self._grad_scale is None:  # on the device: no host sync in the meta loop
                 rms = grad_s.pow(2).mean().sqrt()
                 self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
             grad_s = grad_s * self._grad_scale
+        if fresh is not None and fresh < idx.shape[0]:
+            idx, grad_s = idx[:fresh], grad_s[:fresh]
+        with torch.no_grad():
+            self._s.index_add_(0, idx, grad_s, alpha=-self.meta_lr)
+
+    def _adam_step(self, w: torch.Tensor, idx: torch.Tensor, grad_w: torch.Tensor) -> None:
+        """The first implementation's optimiser (kept for comparison): Adam on all N logits
+        with the exact softmax gradient; its updates depend on the order samples are visited
+        in (issue 12)."""
+        grad_full = torch.zeros_like(w).index_put_((idx,), grad_w.to(w.dtype), accumulate=True)
+        self._opt.zero_grad(set_to_none=False)
+        grad_s = softmax_backward(w, grad_full, self.tau)
+        if self.normalize_meta_grad:
+            if self._grad_scale is None:
+                rms = grad_s.pow(2).mean().sqrt()
+                self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
+            grad_s = grad_s * self._grad_scale
         self._s.grad = grad_s
         self._opt.step()
-        self._refresh()
-        self._done += 1
-        self._trace.append((res.l_gm, res.l_mse))
 
     def _refresh(self) -> None:
         # in place: a reconstruction step captured in a CUDA graph that gathers weights(idx)
@@ -330,7 +397,9 @@ class GradientAligned(Weighting):
         S = int(steps.max()) + 1 if len(steps) else 0
         sums = torch.zeros(S).index_add_(0, steps, w)
         counts = torch.bincount(steps, minlength=S).clamp_min(1)
-        trace = [(float(a), float(b)) for a, b in self._trace]  # block end: syncing is fine
+        # block end: syncing is fine
+        trace = [tuple(float(v) for v in step) for step in self._trace]
+        shares = sorted(t[2] for t in trace)
         self._blocks[ctx.block.name] = {
             "meta_steps": self._done, "meta_batch_size": self._bs, "inner_lr": self._eta,
             "groups": len(self._groups),
@@ -348,6 +417,13 @@ class GradientAligned(Weighting):
             "l_mse_first": trace[0][1] if trace else None,
             "l_mse_last": trace[-1][1] if trace else None,
             "meta_grad_scale": (None if self._grad_scale is None else float(self._grad_scale)),
+            "objective": self.objective, "meta_optimizer": self.meta_optimizer,
+            "inner_step": self.inner_step,
+            "loss_reduction": loss_reduction(ctx),
+            # |d(gm_weight L_GM)/dw| / |d(MSE term)/dw| per meta step: median, min, max
+            "gm_share": _median(shares), "gm_share_min": shares[0] if shares else None,
+            "gm_share_max": shares[-1] if shares else None,
+            "cos_full_mse": _median(sorted(t[3] for t in trace)),
             "meta_seconds": round(self._meta_seconds, 4),
         }
 
@@ -362,6 +438,19 @@ def _size_or_none(name: str, value, word: str) -> Optional[int]:
     if isinstance(value, str):
         raise PtqbenchError(f"option {name!r} must be an integer >= 1 or {word!r}, got {value!r}")
     return check_int(name, value)
+
+
+def _cosine(a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    if b is None:
+        return torch.ones((), device=a.device)
+    return (a @ b) / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny)
+
+
+def _median(sorted_values: list) -> Optional[float]:
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    return (sorted_values[(n - 1) // 2] + sorted_values[n // 2]) / 2
 
 
 def _synced_clock(device) -> float:
