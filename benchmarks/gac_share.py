@@ -2,14 +2,17 @@
 
     python benchmarks/gac_share.py MODEL_DIR [--blocks B1,B2,...|--first K] [--per-step 16]
         [--etas 1e-4,1e-3,1e-2] [--inner-step normalized|sgd] [--objectives cosine,dot]
-        [--batch 64] [--device cpu] [--time 3] [--json out.json]
+        [--batch 64] [--device cpu] [--time 3] [--baseline OLD_GAC.py] [--cache DIR]
+        [--json out.json]
 
 Builds the uniform-steps calibration set (``--per-step`` samples at each of 20 steps, 5 %
 validation), quantizes W4A8 and walks the real BRECQ loop (1 iteration per block: the blocks'
 inputs are those of a quick run) to each chosen block; at its weight phase, with uniform weights
 and one meta batch, it prints for every inner step size eta and both meta-objectives the L_GM
 share of the meta-gradient, |grad_GM| / |grad_MSE| (norm ratio of the two parts on the weights),
-and cos(full, MSE-only). With ``--time N`` it also times a meta step of each objective (mean of N).
+and cos(full, MSE-only). With ``--time N`` it also times a meta step of each objective (mean of N,
+interleaved), and of ``--baseline``'s meta_gradient (e.g. the version before issue 12:
+``git show 3416047~1:ptqbench/calib/gac.py > /tmp/gac_old.py``).
 """
 from __future__ import annotations
 
@@ -53,6 +56,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--time", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cache", default=None, help="trajectory cache folder (reused if given)")
+    ap.add_argument("--baseline", default=None,
+                    help="a gac.py of another version (e.g. from git show): its meta_gradient "
+                         "is timed too (signature: as before issue 12)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     etas = [float(e) for e in args.etas.split(",")]
@@ -63,7 +70,15 @@ def main() -> None:
     targets = args.blocks.split(",") if args.blocks else names[:args.first]
     spec = SamplerSpec(steps=20, spacing="quad")
     sel = UniformSteps(per_step=args.per_step, validation_fraction=0.05)
-    cache = Path(tempfile.mkdtemp())
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp())
+    cache.mkdir(parents=True, exist_ok=True)
+    baseline = None
+    if args.baseline:
+        import importlib.util
+        spec_b = importlib.util.spec_from_file_location("ptqbench.calib._gac_baseline",
+                                                        args.baseline)
+        baseline = importlib.util.module_from_spec(spec_b)
+        spec_b.loader.exec_module(baseline)
     traj = get_trajectories(adapter, fp, spec, sel.num_trajectories(spec.steps), 0, cache, dev,
                             64)
     calib, val = sel.select(traj, torch.Generator().manual_seed(0), None)
@@ -98,18 +113,27 @@ def main() -> None:
                     print(f"{row['block']:28s} {objective:6s} eta {eta:8.0e}  share "
                           f"{row['gm_share']:10.3e}  cos(full,mse) {row['cos_full_mse']:+.4f}"
                           f"  L_GM {row['l_gm']:+.3e}  L_MSE {row['l_mse']:.3e}")
-                if args.time:
-                    kw = dict(eta=etas[0], mode="reverse", jacobian="materialise",
-                              calib_steps=ctx.calib_step.to(dev), val_steps=ctx.val_step.to(dev),
-                              objective=objective, inner_step=args.inner_step)
-                    gac.meta_gradient(ctx, ctx.params, w, idx, groups, **kw)
-                    t0 = time.perf_counter()
-                    for _ in range(args.time):
-                        gac.meta_gradient(ctx, ctx.params, w, idx, groups, **kw)
-                    ms = (time.perf_counter() - t0) / args.time * 1000
-                    rows.append({"block": ctx.block.name, "objective": objective,
-                                 "meta_step_ms": ms})
-                    print(f"{ctx.block.name:28s} {objective:6s} meta step {ms:9.1f} ms "
+            if args.time:
+                common = dict(eta=etas[0], mode="reverse", jacobian="materialise",
+                              calib_steps=ctx.calib_step.to(dev), val_steps=ctx.val_step.to(dev))
+                timed = [(f"{o}/{args.inner_step}", gac.meta_gradient,
+                          dict(common, objective=o, inner_step=args.inner_step))
+                         for o in args.objectives.split(",")]
+                if baseline is not None:
+                    timed.append(("baseline", baseline.meta_gradient, common))
+                # interleaved repetitions: a shared machine's load affects all alike
+                total = {name: 0.0 for name, _, _ in timed}
+                for name, fn, kw in timed:
+                    fn(ctx, ctx.params, w, idx, groups, **kw)  # warm-up
+                for _ in range(args.time):
+                    for name, fn, kw in timed:
+                        t0 = time.perf_counter()
+                        fn(ctx, ctx.params, w, idx, groups, **kw)
+                        total[name] += time.perf_counter() - t0
+                for name, sec in total.items():
+                    ms = sec / args.time * 1000
+                    rows.append({"block": ctx.block.name, "variant": name, "meta_step_ms": ms})
+                    print(f"{ctx.block.name:28s} {name:18s} meta step {ms:9.1f} ms "
                           f"(|B| {args.batch}, P {P})")
             if ctx.block.name == targets[-1]:
                 raise _Stop

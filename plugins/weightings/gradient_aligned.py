@@ -1,10 +1,12 @@
 """Gradient-Aligned Calibration (GAC; Hoang, Pham, Le, Cai, Do, ICLR 2026, arXiv 2602.01289).
 
 Per-sample logits s (initialised to 1/32, so weights start uniform) give weights
-w = softmax(s / tau); for every block they are re-learned with Adam on the surrogate bilevel
-objective of the paper's Algorithm 2 (math in :mod:`ptqbench.calib.gac`): a one-step-unrolled
-weighted reconstruction step, validated by L_GM (agreement of the validation groups' gradients)
-+ L_MSE. The reconstruction loop then uses weights(idx) = N * w[idx] (mean 1 over the set).
+w = softmax(s / tau); for every block they are re-learned on the bilevel objective of the
+paper's Algorithm 2 (math, and which parts are the paper's and which are ours:
+:mod:`ptqbench.calib.gac`): a one-step-unrolled weighted reconstruction step on the loop's own
+per-sample loss, validated by L_GM (agreement - by default the cosine - of the validation
+groups' gradients) + L_MSE (by default log L_MSE). The reconstruction loop then uses
+weights(idx) = N * w[idx] (mean 1 over the set).
 
 Options and defaults
 - ``tau`` = 1.0: the paper's temperature ablation (0.2/0.5/1/2) is best at 1.
@@ -12,17 +14,41 @@ Options and defaults
 - ``validation_fraction`` = None: use the selector's whole validation set (GAC presets set the
   selector's fraction to the paper's 5 %); a number uses the first samples of each step so the
   set has about that fraction of the calibration size (ablations without re-selection).
-- ``meta_lr`` = 1e-2: Adam on s. The paper's value is not stated in what we could read; with
-  Adam a logit moves ~30 * meta_lr over the few updates after it was in a meta batch, so 1e-2
-  lets one pass over the set spread weights by tens of percent without collapsing them.
+- ``objective`` = "cosine": L_GM = -mean over group pairs of cos(g_a, g_b) and the MSE term
+  log L_MSE: bounded and invariant to the loss scale, eta and the parameters' scale, so the
+  mix of the two terms does not depend on the block's loss units (ours; see
+  :mod:`ptqbench.calib.gac`). "dot": the first implementation's surrogate (dot products,
+  plain L_MSE), for comparison; its L_GM share of the meta-gradient was ~0 at the loop's step
+  size (issue 12).
+- ``inner_step`` = "normalized", ``inner_lr`` = 1e-3: the unrolled inner step moves the
+  block's parameters by inner_lr in RMS, i.e. about as far as one step of the reconstruction's
+  Adam at its learning rate (1e-3 for AdaRound's alphas) moves each of them: "one step of
+  the reconstruction", whatever the block's gradient scale (before issue 12, eta was that
+  learning rate used as a plain SGD step size, which on real blocks, whose gradients are
+  tiny, did not move the parameters). The normalisation is held constant in the
+  meta-gradient. "sgd" takes inner_lr as a plain SGD step size; inner_lr = "reconstruction"
+  uses the reconstruction optimiser's learning rate (ctx.inner_lr), as before.
+  Measured on cifar10-ddpm-s blocks (``benchmarks/gac_share.py``): see the README.
+- ``meta_optimizer`` = "sgd", ``meta_lr`` = 0.25: SGD on the logits of each meta batch only.
+  A meta batch's gradient informs its samples relative to each other, so it is centred on the
+  batch (the full-set softmax gradient w_i (g_i - sum_j w_j g_j) / tau with the sum estimated
+  on the batch) and the logits outside the batch are left alone; with
+  ``normalize_meta_grad`` the block's first meta step sets a per-block scale so that a logit
+  moves by about meta_lr x its standardised meta-gradient per visit (one pass, tau 1: weights
+  within about exp(+-2 meta_lr), 0.6-1.6, for 2-sigma samples).
+  Equal meta-gradients for every sample leave the weights exactly uniform, whatever the visit
+  order. "adam" (meta_lr 1e-2 unless given) is the first implementation: Adam on all N logits
+  with the exact softmax gradient; its per-coordinate normalisation turns the tiny coupling
+  gradient of unvisited samples into full steps, so weights depended on the visit order
+  (Spearman(visit step, weight) = -1 for equal meta-gradients; issue 12).
 - ``normalize_meta_grad`` = True: each block's meta gradients (on the logits s) are divided by
-  the RMS of the block's first one before Adam. Adam is invariant to a constant gradient scale
-  except through its absolute eps (1e-8); on a real model a block's meta gradients are ~1e-12
-  (products of per-sample gradients, times weights ~1/N), so without this Adam barely moves:
-  on cifar10-ddpm-s (5120 samples) the learned weights stayed within 1e-6 of uniform. With it
-  the update size is set by ``meta_lr`` alone, whatever the block's loss scale.
+  the RMS of the block's first one. On a real model a block's meta gradients are ~1e-12
+  (products of per-sample gradients, times weights ~1/N); with it the update size is set by
+  ``meta_lr`` alone, whatever the block's loss scale.
 - ``meta_steps`` = None: one pass over the calibration set per block (ceil(N / meta_batch_size)),
-  so every sample's weight receives a direct update.
+  so every sample's weight receives exactly one update (the last batch of a pass is filled up
+  to full size with samples already visited, which are not updated again); more steps start
+  further passes in new orders.
 - ``meta_batch_size`` = 64: calibration samples per meta step (twice Q-Diffusion's
   reconstruction batch): 80 meta steps per block for 5120 samples. A meta step has costs that
   do not grow with its batch (the validation pass, kernel launches), so fewer, larger steps make
@@ -38,7 +64,6 @@ Options and defaults
   run): calibration 123.7 s with 64/64 against 96.4 s for the same reconstruction with uniform
   weights (1.28x; meta steps 22.8 s), and 160.2 s (1.66x; meta steps 56.0 s) with the whole
   validation set and batches of 32 (``benchmarks/results/gac_cost.md``).
-- ``inner_lr`` = None: eta of the unrolled step = the reconstruction optimiser's learning rate.
 - ``alternate`` = False: the paper's Algorithm 1 learns a block's weights before reconstructing
   it; True spreads the same meta steps over the reconstruction (every iterations/meta_steps
   iterations, on the loop's own minibatch, at the current quantization parameters).
@@ -62,6 +87,14 @@ Options and defaults
 - ``cuda_graph`` = "auto": on CUDA, replay each block's meta step as a CUDA graph (the step is
   launch-bound: hundreds of small kernels); it falls back to eager if capture fails.
 - ``seed`` = None: meta-batch order seed (None = the cell's seed).
+
+The first implementation is ``objective = "dot"``, ``inner_step = "sgd"``,
+``inner_lr = "reconstruction"``, ``meta_optimizer = "adam"`` (its per-sample loss was the plain
+mean, now the loop's). The record of each block has ``weight_by_step`` (mean learned weight per
+sampler step) and the L_GM share of the meta-gradient: ``gm_share`` (median over the block's
+meta steps of |d(gm_weight L_GM)/dw| / |d(MSE term)/dw| on the meta batch, with
+``gm_share_min``/``gm_share_max``) and ``cos_full_mse`` (median cosine of the full
+meta-gradient with its MSE part).
 """
 from __future__ import annotations
 
