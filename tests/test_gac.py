@@ -315,7 +315,9 @@ def test_meta_updates_do_not_depend_on_the_loss_scale(monkeypatch):
 
         def scaled(*args, **kwargs):
             res = real(*args, **kwargs)
-            return dataclasses.replace(res, grad_w=res.grad_w * scale)
+            return dataclasses.replace(res, grad_w=res.grad_w * scale,
+                                       grad_mse=res.grad_mse * scale,
+                                       grad_gm=res.grad_gm * scale)
 
         monkeypatch.setattr(plugin, "meta_gradient", scaled)
         ctx, calib, val = problem()

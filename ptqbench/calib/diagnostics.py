@@ -335,7 +335,8 @@ class BlockProbe:
         path = self.out_dir / "gac_meta.json"
         path.write_text(json.dumps(rec, indent=1))
         self.result.setdefault("weights", {})["meta_json"] = str(path)
-        for key in ("gm_share", "gm_share_min", "gm_share_max", "cos_full_mse", "objective"):
+        for key in ("gm_share", "gm_share_min", "gm_share_max", "gm_share_raw", "gm_balance",
+                    "cos_full_mse", "objective"):
             if key in rec:
                 self.result[key] = rec[key]
 
