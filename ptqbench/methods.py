@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "gac": {
         "description": "Gradient-aligned calibration: learned per-sample weights (bilevel, "
-                       "gradient matching across timestep groups) during BRECQ",
+                       "cosine gradient matching across timestep groups) during BRECQ",
         "selector": "uniform-steps",
         "selector_options": {"steps": 20, "per_step": 256, "validation_fraction": 0.05},
         # the qdiffusion recipe, so that gac and qdiffusion differ only in the weighting

@@ -111,6 +111,11 @@ def test_probe_diagnoses_a_gac_block_and_stops(tmp_path):
     assert conflict["steps"] == list(range(6)) and conflict["counts"] == [4] * 6
     assert Path(res["weights"]["alignment_png"]).exists()
     assert probe.state()["blocks"]["fake"]["meta_steps"] == 3
+    # the block's GAC record (weights per sampler step, L_GM share) is kept too
+    meta = json.loads(Path(res["weights"]["meta_json"]).read_text())
+    assert meta == json.loads(json.dumps(probe.state()["blocks"]["fake"]))  # JSON keys: str
+    assert set(meta["weight_by_step"]) == {str(s) for s in range(6)}
+    assert res["gm_share"] == meta["gm_share"] and res["gm_share"] > 0
 
 
 def test_probe_ignores_other_blocks(tmp_path):

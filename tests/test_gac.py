@@ -38,32 +38,38 @@ def problem(n=12, v=10, eta=0.5, dtype=D, iterations=20, batch_size=4):
     return ctx, calib, val
 
 
+@pytest.mark.parametrize("objective", ["cosine", "dot"])
 @pytest.mark.parametrize("jacobian", ["linearise", "materialise"])
 @pytest.mark.parametrize("mode,vectorize", [("forward", True), ("forward", False),
                                             ("reverse", True), ("reverse", False)])
-def test_meta_gradient_matches_finite_differences(mode, vectorize, jacobian):
+def test_meta_gradient_matches_finite_differences(mode, vectorize, jacobian, objective):
     ctx, _, _ = problem()
     groups = timestep_groups(ctx.val_step, 3)
     idx = torch.tensor([0, 3, 5, 7, 11])
     w = torch.softmax(torch.randn(12, generator=torch.Generator().manual_seed(1), dtype=D), 0)
-    res = meta_gradient(ctx, ctx.params, w, idx, groups, eta=0.5, mode=mode,
-                        vectorize=vectorize, jacobian=jacobian)
+    eta = 0.5 if objective == "dot" else 1e-3
+    res = meta_gradient(ctx, ctx.params, w, idx, groups, eta=eta, mode=mode,
+                        vectorize=vectorize, jacobian=jacobian, objective=objective)
     eps = 1e-6
     fd = torch.zeros(len(idx), dtype=D)
     for j, i in enumerate(idx):
         wp, wm = w.clone(), w.clone()
         wp[i] += eps
         wm[i] -= eps
-        fd[j] = (surrogate_value(ctx, ctx.params, wp, idx, groups, 0.5)
-                 - surrogate_value(ctx, ctx.params, wm, idx, groups, 0.5)) / (2 * eps)
+        fd[j] = (surrogate_value(ctx, ctx.params, wp, idx, groups, eta, objective=objective)
+                 - surrogate_value(ctx, ctx.params, wm, idx, groups, eta, objective=objective)
+                 ) / (2 * eps)
     torch.testing.assert_close(res.grad_w, fd, rtol=1e-5, atol=1e-7)
-    # the reported losses are the surrogate's two terms
-    torch.testing.assert_close(res.l_gm + res.l_mse,
-                               surrogate_value(ctx, ctx.params, w, idx, groups, 0.5))
+    # the reported losses are the objective's two terms
+    mse_term = res.l_mse if objective == "dot" else torch.log(res.l_mse)
+    torch.testing.assert_close(res.l_gm + mse_term, surrogate_value(
+        ctx, ctx.params, w, idx, groups, eta, objective=objective))
     # and the gradient-matching term is not negligible in this problem
-    no_gm = meta_gradient(ctx, ctx.params, w, idx, groups, eta=0.5, gm_weight=0.0, mode=mode,
-                          vectorize=vectorize, jacobian=jacobian)
-    assert (no_gm.grad_w - res.grad_w).abs().max() > 0.1 * res.grad_w.abs().max()
+    no_gm = meta_gradient(ctx, ctx.params, w, idx, groups, eta=eta, gm_weight=0.0, mode=mode,
+                          vectorize=vectorize, jacobian=jacobian, objective=objective)
+    share = 0.1 if objective == "dot" else 0.01  # this toy's groups nearly agree
+    assert (no_gm.grad_w - res.grad_w).abs().max() > share * res.grad_w.abs().max()
+    torch.testing.assert_close(no_gm.grad_w, res.grad_mse)
 
 
 def test_logit_gradient_through_softmax_matches_finite_differences():
@@ -73,7 +79,7 @@ def test_logit_gradient_through_softmax_matches_finite_differences():
     tau = 0.7
     s = torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=D)
     w = torch.softmax(s / tau, 0)
-    res = meta_gradient(ctx, ctx.params, w, idx, groups, eta=0.5)
+    res = meta_gradient(ctx, ctx.params, w, idx, groups, eta=1e-3)
     full = torch.zeros(12, dtype=D).index_put_((idx,), res.grad_w)
     grad_s = softmax_backward(w, full, tau)
     eps = 1e-6
@@ -81,9 +87,10 @@ def test_logit_gradient_through_softmax_matches_finite_differences():
         sp, sm = s.clone(), s.clone()
         sp[k] += eps
         sm[k] -= eps
-        fd = (surrogate_value(ctx, ctx.params, torch.softmax(sp / tau, 0), idx, groups, 0.5)
-              - surrogate_value(ctx, ctx.params, torch.softmax(sm / tau, 0), idx, groups, 0.5)
-              ) / (2 * eps)
+        fd = (surrogate_value(ctx, ctx.params, torch.softmax(sp / tau, 0), idx, groups, 1e-3,
+                              objective="cosine")
+              - surrogate_value(ctx, ctx.params, torch.softmax(sm / tau, 0), idx, groups, 1e-3,
+                                objective="cosine")) / (2 * eps)
         torch.testing.assert_close(grad_s[k], fd, rtol=1e-5, atol=1e-8)
 
 
@@ -115,16 +122,21 @@ def test_learned_weights_remain_a_distribution():
     assert torch.equal(gw.block_weights["fake"], w.cpu())
 
 
-def test_meta_steps_decrease_the_surrogate():
+@pytest.mark.parametrize("objective,eta", [("cosine", 1e-3), ("dot", 0.5)])
+def test_meta_steps_decrease_the_objective(objective, eta):
     ctx, calib, val = problem()
-    gw = GradientAligned(meta_lr=0.05, meta_steps=40, meta_batch_size=12, groups=3)
+    # the full batch every meta step: plain gradient descent on L_VAL (SGD, exact gradient)
+    gw = GradientAligned(meta_lr=0.02, meta_steps=40, meta_batch_size=12, groups=3,
+                         objective=objective, inner_lr=eta, inner_step="sgd")
     gw.prepare(calib, val, CTX)
     s0 = torch.full((12,), 1 / 32, dtype=D)
     groups = timestep_groups(ctx.val_step, 3)
     full = torch.arange(12)
-    before = surrogate_value(ctx, ctx.params, torch.softmax(s0, 0), full, groups, 0.5)
-    gw.begin_block(ctx)  # the full batch every meta step: plain gradient descent on L_VAL^(2)
-    after = surrogate_value(ctx, ctx.params, gw.distribution(), full, groups, 0.5)
+    before = surrogate_value(ctx, ctx.params, torch.softmax(s0, 0), full, groups, eta,
+                             objective=objective)
+    gw.begin_block(ctx)
+    after = surrogate_value(ctx, ctx.params, gw.distribution(), full, groups, eta,
+                            objective=objective)
     assert after < before - 1e-3 * abs(before)
 
 
@@ -303,7 +315,9 @@ def test_meta_updates_do_not_depend_on_the_loss_scale(monkeypatch):
 
         def scaled(*args, **kwargs):
             res = real(*args, **kwargs)
-            return dataclasses.replace(res, grad_w=res.grad_w * scale)
+            return dataclasses.replace(res, grad_w=res.grad_w * scale,
+                                       grad_mse=res.grad_mse * scale,
+                                       grad_gm=res.grad_gm * scale)
 
         monkeypatch.setattr(plugin, "meta_gradient", scaled)
         ctx, calib, val = problem()
@@ -314,7 +328,8 @@ def test_meta_updates_do_not_depend_on_the_loss_scale(monkeypatch):
 
     reference = learned(1.0, True)
     assert reference.std() > 0.05
-    torch.testing.assert_close(learned(1e-12, True), reference, rtol=1e-4, atol=1e-6)
+    # float32 logits: centring the meta-gradient loses a few digits to cancellation
+    torch.testing.assert_close(learned(1e-12, True), reference, rtol=2e-3, atol=2e-3)
     assert learned(1e-12, False).std() < 1e-3  # the failure mode it prevents
     st_scale = GradientAligned(normalize_meta_grad=True)
     with pytest.raises(PtqbenchError):

@@ -148,6 +148,10 @@ def diagnose(suite, model, method, bits, sampler, seed, block, out, device, iter
     for group in ("conflict", "weights"):
         for kind, path in res.get(group, {}).items():
             click.echo(f"  {group} {kind}: {path}")
+    if res.get("gm_share") is not None:
+        click.echo(f"  L_GM share of the meta-gradient (|grad_GM| / |grad_MSE|, median over "
+                   f"meta steps): {res['gm_share']:.3g} ({res['gm_share_min']:.3g}.."
+                   f"{res['gm_share_max']:.3g}), cos(full, MSE only) {res['cos_full_mse']:.3f}")
     if res.get("pearson") is not None:
         click.echo(f"  weight vs gradient alignment: pearson {res['pearson']:.3f}, "
                    f"spearman {res['spearman']:.3f}")

@@ -11,6 +11,8 @@ own contexts and on the synthetic ones of the tests.
 - :func:`weight_alignment`: for a weight vector (e.g. GAC's learned one), each sample's gradient
   alignment (cosine) with the validation-loss gradient, its correlation with the weights, and the
   paper's Fig. 2 view (samples sorted by weight in bins: mean weight vs mean alignment).
+- :class:`BlockProbe` also keeps the weighting's record of the probed block (GAC: weights per
+  sampler step, the L_GM share of the meta-gradient) in ``gac_meta.json`` and its result.
 - ``write_*``: CSV + JSON + PNG heatmaps/plots (matplotlib, Agg backend).
 """
 from __future__ import annotations
@@ -322,6 +324,22 @@ class BlockProbe:
         if align is not None:
             self.result["pearson"], self.result["spearman"] = align["pearson"], align["spearman"]
 
+    def _meta_record(self) -> None:
+        """The weighting's record of the block (GAC: learned weights per sampler step, the
+        L_GM share of the meta-gradient) -> ``gac_meta.json`` and the result."""
+        blocks = self.inner.state().get("blocks", {}) if hasattr(self.inner, "state") else {}
+        rec = blocks.get(self.block)
+        if not rec:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "gac_meta.json"
+        path.write_text(json.dumps(rec, indent=1))
+        self.result.setdefault("weights", {})["meta_json"] = str(path)
+        for key in ("gm_share", "gm_share_min", "gm_share_max", "gm_share_raw", "gm_balance",
+                    "cos_full_mse", "objective"):
+            if key in rec:
+                self.result[key] = rec[key]
+
     def begin_block(self, ctx) -> None:
         target = ctx.block.name == self.block and "conflict" not in self.result
         if target:
@@ -346,6 +364,7 @@ class BlockProbe:
         if ctx.block.name == self.block and "conflict" in self.result:
             if getattr(self.inner, "alternate", False) and "weights" not in self.result:
                 self._weights_analysis(ctx)
+            self._meta_record()
             if self.stop:
                 raise DiagnosisDone(self.result)
 

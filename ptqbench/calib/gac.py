@@ -2,22 +2,51 @@
 
 Notation (one block, one meta step):
   w = softmax(s / tau) over all N calibration samples; B a minibatch of them, c = N / |B|.
-  Inner step (one-step unrolled reconstruction on the minibatch, the same loss the
-  reconstruction loop minimises with weights N*w):
+  l_i(theta) is sample i's loss: the reconstruction loop's own per-sample loss
+  (:func:`ptqbench.quant.reconstruction.per_sample_loss` with the loop's ``loss_reduction``,
+  BRECQ's channel sum by default), so the inner step below is a step of the loop's objective.
+  Inner step (one-step unrolled reconstruction on the minibatch, weights N*w as in the loop):
       theta'(w) = theta - eta * grad_theta[ (1/|B|) sum_{i in B} N w_i l_i(theta) ]
                 = theta - eta * c * U^T w_B,           U = (grad l_i(theta))_{i in B}  (|B| x P)
-  Validation: samples split into G groups of adjacent timesteps; L_a(theta') = group mean MSE.
-  Surrogate of Algorithm 2: the gradient-matching term uses the gradients of the group losses
-  with respect to the weights, g_a = dL_a(theta'(w))/dw = -eta c U G_a, G_a = grad L_a(theta'):
-      L_GM^(2) = -(2 / (G(G-1))) sum_{a<b} g_a . g_b ,   L_VAL^(2) = L_GM^(2) + L_MSE(theta').
+  Validation: samples split into G groups of adjacent timesteps; L_a(theta') = group mean loss,
+  L_MSE = their size-weighted mean. The group gradients of Algorithm 2 are taken with respect
+  to the weights: g_a = dL_a(theta'(w))/dw_B = -eta c U G_a = -eta c p_a, G_a = grad L_a(theta').
 
-Closed-form meta-gradient (what :func:`meta_gradient` evaluates). With M = U^T U,
-r_a = M (sum_b G_b - G_a) and H_a the Hessian of L_a at theta':
-      dL_GM^(2)/dw_B = k eta^3 c^3 U sum_a H_a r_a          (k = 2/(G(G-1)))
-      dL_MSE/dw_B    = -eta c U grad L_MSE(theta')
+Two meta-objectives (``objective``):
+  "cosine" (default):  L_VAL = gm_weight * L_GM + log L_MSE,
+                       L_GM = -(2 / (G(G-1))) sum_{a<b} cos(g_a, g_b)
+  "dot" (the surrogate as first implemented, kept for comparison):
+                       L_VAL = gm_weight * L_GM^(2) + L_MSE,
+                       L_GM^(2) = -(2 / (G(G-1))) sum_{a<b} g_a . g_b
+
+What is the paper's and what is ours:
+- The paper's: weights softmax(s / tau) learned per block; the one-step unrolled inner step;
+  validation split into timestep groups; L_VAL = L_GM + L_MSE with L_GM rewarding agreement of
+  the groups' gradients; Algorithm 2's group gradients with respect to the weights (so that no
+  third derivatives are needed).
+- Ours, where the description is silent or its literal form fails in practice:
+  * the similarity is the cosine, not the dot product: the dot product is unbounded below and
+    rewards large validation gradients (in a toy it up-weighted conflicting samples) and, as
+    g_a . g_b ~ eta^2, its meta-gradient ~ eta^3 against eta for L_MSE, so at the loop's step
+    size it vanished (share 0.0 in float32 on every block of the bundled tiny model). The
+    cosine is invariant to eta, c, the loss scale and the parameters' scale, and bounded.
+  * log L_MSE instead of L_MSE: a bounded, dimensionless L_GM added to an L_MSE in the block's
+    loss units would mix the two in a ratio set by the block's loss scale (and by
+    ``loss_reduction``); d log L = dL / L is scale-free, and log has the same minimiser.
+  * the inner step size eta is its own option (``inner_lr`` in the weighting), not the
+    reconstruction optimiser's Adam learning rate used as an SGD step.
+
+Closed form of the meta-gradient (what :func:`meta_gradient` evaluates). theta' is linear in w
+and U does not depend on w, so dp_a/dw_B = -eta c U H_a U^T (H_a the Hessian of L_a at theta').
+With d_a = dL_GM/dp_a and r_a = U^T d_a:
+      dL_GM/dw_B  = -eta c U sum_a H_a r_a
+  cosine: d_a = -k (sum_{b!=a} (u_b - C_ab u_a)) / |p_a|   (u_a = p_a/|p_a|, C_ab = u_a.u_b,
+          k = 2/(G(G-1)));   d log L_MSE/dw_B = -eta c U grad L_MSE(theta') / L_MSE
+  dot:    d_a = -k (eta c)^2 (sum_b p_b - p_a);             dL_MSE/dw_B = -eta c U grad L_MSE
 so the whole gradient is U q with one vector q in parameter space. It needs products U v and
 U^T z with the minibatch's per-sample gradients and one Hessian-vector product per group: second
-derivatives at most, never the third-order terms that differentiating L_GM itself would need.
+derivatives at most. The two parts U q_GM and U q_MSE are returned separately: their norm ratio
+is the L_GM share that the records report.
 U is either formed once from per-sample gradients (``jacobian="materialise"``: |B| x P floats,
 then matmuls) or never formed (``"linearise"``: each product is an autodiff pass).
 
@@ -36,14 +65,20 @@ import torch
 from torch.func import grad, grad_and_value, jvp, vjp
 
 from ..interfaces import BlockContext
+from ..quant.recon_options import ReconConfig
+from ..quant.reconstruction import per_sample_loss
 
 Params = dict[str, torch.Tensor]
 
 
-def per_sample_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Block-output MSE of every sample: (n,), in at least float32."""
-    dtype = torch.promote_types(out.dtype, torch.float32)
-    return (out.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(1)
+OBJECTIVES = ("cosine", "dot")
+#: the reconstruction loop's default reduction, for contexts that do not name theirs
+DEFAULT_REDUCTION = ReconConfig.loss_reduction
+
+
+def loss_reduction(ctx) -> str:
+    """The per-sample loss reduction of the loop that built ``ctx`` (tests' contexts: default)."""
+    return getattr(ctx, "loss_reduction", DEFAULT_REDUCTION)
 
 
 def step_context(steps: Optional[torch.Tensor]):
@@ -59,11 +94,14 @@ def step_context(steps: Optional[torch.Tensor]):
 
 def loss_vector_fn(ctx: BlockContext, inputs: tuple, targets: torch.Tensor,
                    steps: Optional[torch.Tensor]) -> Callable[[Params], torch.Tensor]:
-    """params -> per-sample MSE of the quantized block on fixed inputs."""
+    """params -> per-sample loss of the quantized block on fixed inputs: the reconstruction
+    loop's loss (its function and reduction)."""
+    reduction = loss_reduction(ctx)
+
     def f(params: Params) -> torch.Tensor:
         with step_context(steps):
             out = ctx.forward(params, inputs)
-        return per_sample_mse(out, targets)
+        return per_sample_loss(out, targets.to(out.dtype), reduction)
     return f
 
 
@@ -78,6 +116,11 @@ def _axpy(alpha, x: Params, y: Params) -> Params:
 
 def _scale(alpha, x: Params) -> Params:
     return {k: alpha * v for k, v in x.items()}
+
+
+def _rms(x: Params) -> torch.Tensor:
+    total = sum(v.pow(2).sum() for v in x.values())
+    return (total / sum(v.numel() for v in x.values())).sqrt()
 
 
 def _sum(items: Sequence[Params]) -> Params:
@@ -156,18 +199,46 @@ def _hvp(f: Callable[[Params], torch.Tensor], at: Params, v: Params, mode: str) 
 
 @dataclass
 class MetaResult:
-    grad_w: torch.Tensor  # (|B|,) dL_VAL^(2)/dw for the minibatch entries
-    l_gm: torch.Tensor  # surrogate gradient-matching loss (scalar tensor)
-    l_mse: torch.Tensor  # validation MSE after the inner step (scalar tensor)
+    grad_w: torch.Tensor  # (|B|,) dL_VAL/dw for the minibatch entries: grad_mse + grad_gm
+    l_gm: torch.Tensor  # gm_weight * L_GM (scalar tensor)
+    l_mse: torch.Tensor  # validation loss after the inner step (scalar tensor)
     group_loss: torch.Tensor  # (G,)
+    grad_mse: Optional[torch.Tensor] = None  # (|B|,) the part of grad_w from the MSE term
+    grad_gm: Optional[torch.Tensor] = None  # (|B|,) the part from gm_weight * L_GM
+
+    def gm_share(self) -> torch.Tensor:
+        """|grad_gm| / |grad_mse|: how much the gradient-matching term moves the weights."""
+        gm = torch.zeros_like(self.grad_w) if self.grad_gm is None else self.grad_gm
+        mse = self.grad_w if self.grad_mse is None else self.grad_mse
+        return gm.norm() / mse.norm().clamp_min(torch.finfo(mse.dtype).tiny)
+
+
+def _gm_direction(p: torch.Tensor, objective: str, k: float, eta_c: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_GM and d_a = dL_GM/dp_a (G x |B|) for the group gradients p_a = U G_a."""
+    G = p.shape[0]
+    if objective == "dot":  # g_a . g_b = (eta c)^2 p_a . p_b
+        gram = p @ p.T
+        l_gm = -k * eta_c ** 2 * (gram.sum() - gram.diagonal().sum()) / 2
+        return l_gm, -k * eta_c ** 2 * (p.sum(0, keepdim=True) - p)
+    # cos(g_a, g_b) = cos(p_a, p_b): the common factor -eta c cancels
+    norm = p.norm(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    u = p / norm
+    cos = u @ u.T
+    l_gm = -k * (cos.sum() - cos.diagonal().sum()) / 2
+    others = u.sum(0, keepdim=True) - u  # sum_{b != a} u_b
+    c_others = (cos.sum(1, keepdim=True) - cos.diagonal()[:, None])  # sum_{b != a} C_ab
+    return l_gm, -k * (others - c_others * u) / norm
 
 
 def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch.Tensor,
                   groups: Sequence[torch.Tensor], eta: float, gm_weight: float = 1.0,
                   mode: str = "forward", calib_steps: Optional[torch.Tensor] = None,
                   val_steps: Optional[torch.Tensor] = None,
-                  vectorize: bool = True, jacobian: str = "linearise") -> MetaResult:
-    """Gradient of L_VAL^(2) = gm_weight * L_GM^(2) + L_MSE with respect to w[idx].
+                  vectorize: bool = True, jacobian: str = "linearise",
+                  objective: str = "cosine", inner_step: str = "sgd") -> MetaResult:
+    """Gradient of L_VAL (``objective`` "cosine" or "dot", see the module docstring) with
+    respect to w[idx].
 
     ``w`` is the simplex weight vector over all N calibration samples, ``idx`` the minibatch
     (distinct indices), ``groups`` the validation indices of each timestep group.
@@ -176,7 +247,12 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     U through torch.func.vmap (one pass instead of one per group); False loops over the groups.
     ``jacobian``: "linearise" takes every product with U by autodiff, "materialise" forms U
     from per-sample gradients first (:class:`_Materialised`); the results are the same.
+    ``inner_step``: "sgd" takes eta as the SGD step size; "normalized" scales the step so that
+    it moves the parameters by eta in RMS (an Adam step of learning rate eta moves each by about
+    eta), the scale being held constant in the derivative (a stop-gradient).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     theta = {k: v.detach() for k, v in params.items()}
     N, B = w.shape[0], idx.shape[0]
     c = N / B
@@ -190,7 +266,12 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     else:
         raise ValueError(f"jacobian must be 'linearise' or 'materialise', got {jacobian!r}")
     w_b = w.detach()[idx]
-    theta_p = _axpy(-eta * c, lin.t_apply(w_b), theta)  # theta - eta * c * U^T w_B
+    step = lin.t_apply(w_b)  # U^T w_B: c times it is the weighted minibatch loss's gradient
+    if inner_step == "normalized":  # eta = RMS displacement per parameter (held constant)
+        eta = eta / _rms(step).mul(c).clamp_min(torch.finfo(w.dtype).tiny)
+    elif inner_step != "sgd":
+        raise ValueError(f"inner_step must be 'sgd' or 'normalized', got {inner_step!r}")
+    theta_p = _axpy(-eta * c, step, theta)  # theta - eta * c * U^T w_B
 
     # Group gradients at theta': one forward + backward over each group's own samples (a
     # vmapped backward over the whole validation set would cost G times as much). In reverse
@@ -213,32 +294,41 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     frac = [n / n_val for n in sizes]
     l_mse = sum(group_loss[a] * frac[a] for a in range(G))
     grad_mse = _sum([_scale(frac[a], grads[a]) for a in range(G)])
-    q = _scale(-eta * c, grad_mse)
+    # log L_MSE (cosine objective): its gradient is grad L_MSE / L_MSE
+    mse_coef = -eta * c / (l_mse if objective == "cosine" else 1.0)
+    q_mse = _scale(mse_coef, grad_mse)
 
     if align:
         k = 2.0 / (G * (G - 1))
-        if vectorize:  # (G, |B|): U G_a, and r_a = U^T (p_tot - p_a), each in one batched pass
+        if vectorize:  # (G, |B|): U G_a, and r_a = U^T d_a, each in one batched pass
             grads_st = {kk: torch.stack([g[kk] for g in grads]) for kk in grads[0]}
             p = torch.func.vmap(lin.apply)(grads_st)
-            r_st = torch.func.vmap(lin.t_apply)(p.sum(0, keepdim=True) - p)
+            l_gm, d = _gm_direction(p, objective, k, eta * c)
+            r_st = torch.func.vmap(lin.t_apply)(d)
             rs = [{kk: v[a] for kk, v in r_st.items()} for a in range(G)]
         else:
             p = torch.stack([lin.apply(g) for g in grads])
-            p_tot = p.sum(0)
-            rs = [lin.t_apply(p_tot - p[a]) for a in range(G)]
-        # g_a = -eta c p_a, so g_a . g_b = (eta c)^2 p_a . p_b
-        gram = p @ p.T
-        l_gm = -k * (eta * c) ** 2 * (gram.sum() - gram.diagonal().sum()) / 2
+            l_gm, d = _gm_direction(p, objective, k, eta * c)
+            rs = [lin.t_apply(d[a]) for a in range(G)]
         if hvp_fns:  # H_a is symmetric: its vjp is the Hessian-vector product
             hv = _sum([hvp_fns[a](rs[a])[0] for a in range(G)])
         else:
             hv = _sum([_hvp(fa, theta_p, rs[a], mode) for a, fa in enumerate(group_fns)])
-        q = _axpy(gm_weight * k * (eta * c) ** 3, hv, q)
+        q_gm = _scale(-eta * c * gm_weight, hv)
         l_gm = gm_weight * l_gm
+        if vectorize:  # both parts in one batched product
+            both = torch.func.vmap(lin.apply)({kk: torch.stack([q_mse[kk], q_gm[kk]])
+                                               for kk in q_mse})
+            part_mse, part_gm = both[0], both[1]
+        else:
+            part_mse, part_gm = lin.apply(q_mse), lin.apply(q_gm)
     else:  # one group: nothing to align
         l_gm = torch.zeros((), device=w.device, dtype=l_mse.dtype)
-    return MetaResult(lin.apply(q).detach(), l_gm.detach(), l_mse.detach(),
-                      group_loss.detach())
+        part_mse = lin.apply(q_mse)
+        part_gm = torch.zeros_like(part_mse)
+    part_mse, part_gm = part_mse.detach(), part_gm.detach()
+    return MetaResult(part_mse + part_gm, l_gm.detach(), l_mse.detach(), group_loss.detach(),
+                      part_mse, part_gm)
 
 
 def _group_loss_fn(ctx: BlockContext, gidx: torch.Tensor, val_steps: Optional[torch.Tensor]):
@@ -253,9 +343,9 @@ def softmax_backward(w: torch.Tensor, grad_w_full: torch.Tensor, tau: float) -> 
 
 
 def surrogate_value(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch.Tensor,
-                    groups: Sequence[torch.Tensor], eta: float, gm_weight: float = 1.0
-                    ) -> torch.Tensor:
-    """L_VAL^(2)(w) evaluated directly with autograd (reference for tests; not used to train).
+                    groups: Sequence[torch.Tensor], eta: float, gm_weight: float = 1.0,
+                    objective: str = "dot") -> torch.Tensor:
+    """L_VAL(w) evaluated directly with autograd (reference for tests; not used to train).
 
     Builds theta'(w) with a differentiable inner step and takes g_a = dL_a/dw by autograd.
     """
@@ -279,8 +369,11 @@ def surrogate_value(ctx: BlockContext, params: Params, w: torch.Tensor, idx: tor
     l_gm = torch.zeros(())
     if G >= 2:
         k = 2.0 / (G * (G - 1))
-        l_gm = -k * sum(gs[a] @ gs[b] for a in range(G) for b in range(a + 1, G))
-    return (gm_weight * l_gm + l_mse).detach()
+        sim = ((lambda a, b: a @ b) if objective == "dot" else
+               (lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0)))
+        l_gm = -k * sum(sim(gs[a], gs[b]) for a in range(G) for b in range(a + 1, G))
+    mse_term = l_mse if objective == "dot" else torch.log(l_mse)
+    return (gm_weight * l_gm + mse_term).detach()
 
 
 def timestep_groups(val_step: torch.Tensor, num_groups: int) -> list[torch.Tensor]:
@@ -356,4 +449,4 @@ class GraphedMetaGradient:
         out = self._out
         # copies: the next replay overwrites the static outputs
         return MetaResult(out.grad_w.clone(), out.l_gm.clone(), out.l_mse.clone(),
-                          out.group_loss.clone())
+                          out.group_loss.clone(), out.grad_mse.clone(), out.grad_gm.clone())

@@ -493,6 +493,7 @@ def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weigh
         val_t=None if val is None else val.t, val_step=None if val is None else val.step,
         inner_lr=cfg.lr_w if alphas else cfg.lr_a, iterations=iters, batch_size=cfg.batch_size)
     ctx.phase = phase  # extra attribute: 'weights', 'activations' or 'joint'
+    ctx.loss_reduction = cfg.loss_reduction  # the loss a weighting may differentiate (GAC)
     loop = _Loop(runner, calib, in_stream, cfg, device, wqs, alphas, scales, iters, seed,
                  target_all, train_idx)
     graphed = loop.graphable(weighting)
