@@ -124,6 +124,11 @@ class CellRunner:
         return record
 
     def run(self, cell: Cell, device: torch.device) -> dict:
+        # held while the cell runs: `ptqbench status` reports a held lock as running
+        with self.store.lock(f"cell-{cell.key}"):
+            return self._run_and_record(cell, device)
+
+    def _run_and_record(self, cell: Cell, device: torch.device) -> dict:
         timer = StageTimer(device)
         record = self._header(cell, device)
         try:
@@ -150,11 +155,14 @@ class CellRunner:
         record["model_identity"] = adapter.identity()
         model = fp_model
         if not cell.is_fp:
-            model = self._quantize(cell, adapter, fp_model, spec, device, timer, record)
+            with self.store.lock(f"quant-{cell.quant_key}"):  # one builder per quantized model
+                model = self._quantize(cell, adapter, fp_model, spec, device, timer, record)
         with timer.stage("sample"):
             samples = generate(adapter, model, spec, ev.num_samples, cell.seed, ev.batch_size,
                                device, self.store, cell.gen_key, self.reporter,
                                label=f"sampling {cell.method} {cell.bits}")
+        if self.store.shard_reports(cell.gen_key):  # sampled by shard tasks (sample_shards)
+            record["sample_shards"] = self.store.shard_reports(cell.gen_key)
         fp_samples = samples if cell.is_fp else self._fp_samples(cell, adapter, fp_model, spec,
                                                                  device, timer)
         del model
