@@ -87,8 +87,11 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
     with Reporter(enabled=not no_progress) as reporter:
         summary = run_suite(suite, output=output, reporter=reporter, rerun_failed=retry_failed,
                             device=device, select=select)
+    submitted = f", {len(summary.submitted)} submitted" if summary.submitted else ""
     console.print(f"{len(summary.cells)} cells: {len(summary.ok)} ran, {len(summary.skipped)} "
-                  f"already finished, {len(summary.failed)} failed -> {summary.output}")
+                  f"already finished, {len(summary.failed)} failed{submitted} -> {summary.output}")
+    if summary.submitted:
+        console.print(f"follow them with: ptqbench status {summary.output}")
     if summary.other_code:
         keys = ", ".join(c.key for c in summary.other_code[:4])
         more = f" and {len(summary.other_code) - 4} more" if len(summary.other_code) > 4 else ""
@@ -192,6 +195,15 @@ def _add_diagnose() -> None:
 
 
 _add_diagnose()
+
+
+def _add_status() -> None:
+    from .status import status
+
+    cli.add_command(status)
+
+
+_add_status()
 
 
 def main():
