@@ -99,6 +99,8 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
                       f"produced by other ptqbench/plugin sources (their records' 'code' "
                       f"differs); their results were kept. To recompute them with this code, "
                       f"run into a fresh output folder (-o).", style="yellow")
+    if summary.submitted and not (summary.ok or summary.skipped or summary.failed):
+        return  # nothing finished yet: no leaderboard
     df = records_frame(load_records(summary.output))
     board = leaderboard(df)
     if not board.empty:

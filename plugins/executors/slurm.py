@@ -90,8 +90,12 @@ class SlurmExecutor(Executor):
     # ---- submission -------------------------------------------------------------------
     def _executor(self, folder: Path, dependency: Optional[str], name: str):
         o = self.options
-        ex = self.submitit.AutoExecutor(folder=str(folder / "%j"), cluster=o["cluster"],
-                                        slurm_max_num_timeout=o["max_requeues"])
+        try:
+            ex = self.submitit.AutoExecutor(folder=str(folder / "%j"), cluster=o["cluster"],
+                                            slurm_max_num_timeout=o["max_requeues"])
+        except RuntimeError as exc:  # no srun: not on a SLURM cluster
+            raise PtqbenchError(f'executor slurm: {exc} (cluster = "local" runs the job arrays '
+                                f'on this machine)') from None
         params = dict(name=name, timeout_min=int(o["time"]), gpus_per_node=int(o["gpus_per_task"]),
                       cpus_per_task=int(o["cpus_per_task"]), tasks_per_node=1, nodes=1)
         if o["mem_gb"]:
