@@ -124,17 +124,21 @@ class CellRunner:
         return record
 
     def run(self, cell: Cell, device: torch.device) -> dict:
-        # The cell's lock is held while it runs (`ptqbench status` reports it as running). A cell
-        # that another worker is running (two runs on one folder) is waited for, not redone.
+        # The cell's lock is held while it runs (`ptqbench status` reports it as running). With
+        # several runs on one folder, a cell another worker runs or has finished since this run
+        # chose it is waited for and its record returned, not computed again.
         with self.store.lock(f"cell-{cell.key}", blocking=False) as free:
             if free:
-                return self._run_and_record(cell, device)
+                return self._run_unless_done(cell, device)
         self.log(f"{cell.title()} is running in another worker: waiting for its record")
         with self.store.lock(f"cell-{cell.key}"):
-            record = self.store.read_record(cell.key)
-            if record is not None and record.get("status") == "ok":
-                return record
-            return self._run_and_record(cell, device)
+            return self._run_unless_done(cell, device)
+
+    def _run_unless_done(self, cell: Cell, device: torch.device) -> dict:
+        record = self.store.read_record(cell.key)
+        if record is not None and record.get("status") == "ok":
+            return record
+        return self._run_and_record(cell, device)
 
     def _run_and_record(self, cell: Cell, device: torch.device) -> dict:
         timer = StageTimer(device)
