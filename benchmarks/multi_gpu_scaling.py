@@ -37,8 +37,12 @@ DEFAULT_MODEL = REPO.parent / "shared" / "data" / "models" / "cifar10-ddpm-s"
 
 
 def suite_text(name: str, model, methods: list[str], samples: int, batch: int, devices: list[str],
-               shards: int, iters_w: int, iters_a: int, metrics: list[str], steps: int = 100) -> str:
+               shards: int, iters_w: int, iters_a: int, metrics: list[str], steps: int = 100,
+               smoke: bool = False) -> str:
     devices = json.dumps(devices)
+    # the smoke test's small calibration (the presets' 20 steps x 256 samples take long on CPU)
+    calib = "selector_options = { steps = 2, per_step = 8 }" if smoke else ""
+    rtn = f"[methods.rtn]\n{calib}" if smoke else ""
     bits = '["W8A8", "W4A8"]' if methods != ["fp"] else '["W8A8"]'
     return f"""
 [suite]
@@ -69,6 +73,9 @@ metrics = {json.dumps(metrics)}
 
 [methods.qdiffusion]
 reconstructor_options = {{ iters_w = {iters_w}, iters_a = {iters_a} }}
+{calib}
+
+{rtn}
 
 [run]
 executor = "multi-gpu"
@@ -199,11 +206,11 @@ def main() -> None:
             if part == "suite":
                 text = suite_text("scaling-suite", args.model, ["fp", "rtn", "qdiffusion"],
                                   args.samples, args.batch_size, devices, 1, args.iters_w,
-                                  args.iters_a, metrics, args.steps)
+                                  args.iters_a, metrics, args.steps, args.cpu)
             elif part == "shard":
                 text = suite_text("scaling-shard", args.model, ["fp"], args.shard_samples,
                                   args.batch_size, devices, n, args.iters_w, args.iters_a,
-                                  metrics, args.steps)
+                                  metrics, args.steps, args.cpu)
             else:
                 sys.exit(f"unknown part {part!r} (suite, shard)")
             res = run_suite(args.work, f"{part}-{n}gpu", text, devices)

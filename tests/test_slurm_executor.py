@@ -197,3 +197,25 @@ def differences(a, b, path="") -> list:
         return [d for k in sorted(set(a) | set(b), key=str)
                 for d in differences(a.get(k), b.get(k), f"{path}/{k}")]
     return [] if a == b else [(path, a, b)]
+
+
+def test_options_are_checked_and_a_requeued_task_reruns_itself(tmp_path):
+    from ptqbench.errors import PtqbenchError
+    from ptqbench.pipeline.worker import CellJob
+    from ptqbench_plugins.executors.slurm import SlurmExecutor, SlurmTask, parse_sbatch_lines
+
+    assert parse_sbatch_lines(["--constraint=h200", "#SBATCH --mail-type END", "--exclusive"]) \
+        == {"constraint": "h200", "mail_type": "END", "exclusive": True}
+    with pytest.raises(PtqbenchError, match="not a long option"):
+        parse_sbatch_lines(["-p gpu"])
+    for bad, match in (({"cluster": "k8s"}, "cluster must be one of"),
+                       ({"time": 0}, "time must be an integer >= 1"),
+                       ({"sample_shards": 2, "gpus_per_task": 2}, "either sample_shards"),
+                       ({"wait": False, "cluster": "local"}, "needs SLURM")):
+        with pytest.raises(PtqbenchError, match=match):
+            SlurmExecutor(**bad)
+    # preemption / time limit: submitit calls checkpoint() and requeues what it returns, the
+    # same tasks, which resume from the records, checkpoints and shards in the output folder
+    task = SlurmTask(CellJob(suite_file="s.toml", output=str(tmp_path)), [["cell", "k", 0, 0]])
+    again = task.checkpoint()
+    assert again.function is task and again.args == () and again.kwargs == {}
