@@ -9,7 +9,7 @@ Resume lives in the output folder, not in SLURM: every task writes the records, 
 checkpoints of a local run, so resubmitting a suite runs only the cells without a finished
 record, and a task that is preempted or hits its time limit is requeued (submitit's checkpoint)
 and resumes from the block checkpoints and sample shards it left. Each submission is written to
-``<output>/slurm/submissions/<job id>.json`` (which task runs which cells), which ``ptqbench
+``<output>/slurm/submissions/<time>-<job id>.json`` (which task runs which cells), which ``ptqbench
 status`` reads; job logs go to ``<output>/slurm/logs``.
 
 ``cluster = "local"`` or ``"debug"`` runs the same job arrays with submitit's local executor
@@ -17,7 +17,6 @@ status`` reads; job logs go to ``<output>/slurm/logs``.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -135,7 +134,6 @@ class SlurmExecutor(Executor):
             calls = [SlurmTask(run_one.job, [t.as_list() for t in g], self.device,
                                int(self.options["cpus_per_task"]), int(self.options["gpus_per_task"]))
                      for g in groups]
-            submitted = time.time()
             try:
                 jobs = ex.submit_array(calls)
             except Exception as exc:  # sbatch refused (bad partition, account, ...)
@@ -152,9 +150,9 @@ class SlurmExecutor(Executor):
                             run_one.submitted(by_key[t.key], previous)
                 continue
             for group, job in zip(groups, jobs):
-                self._collect(group, job, by_key, run_one, submitted)
+                self._collect(group, job, by_key, run_one)
 
-    def _collect(self, group: list[Task], job, by_key, run_one, submitted: float) -> None:
+    def _collect(self, group: list[Task], job, by_key, run_one) -> None:
         """Wait for one array task; hand its records on, and fail the cells of a task that
         died (killed, out of time with no requeue left, out of memory) like a dead worker."""
         try:
@@ -168,9 +166,10 @@ class SlurmExecutor(Executor):
                 continue
             cell = by_key[task.key]
             record = run_one.runner.store.read_record(cell.key)
-            if record is not None and record.get("status") == "ok" and \
-                    run_one.runner.store.record_path(cell.key).stat().st_mtime >= submitted - 1:
-                run_one.finished(cell, record)  # finished before the task died
+            if record is not None and record.get("status") == "ok":
+                # finished before the task died (it was not ok when submitted; no clock
+                # comparison: the hosts of a cluster and its file server disagree on time)
+                run_one.finished(cell, record)
             else:
                 run_one.crashed(cell, None, f"SLURM task {job.job_id} ended without finishing "
                                             f"this cell: {reason}")
@@ -246,7 +245,7 @@ def parse_sbatch_lines(lines) -> dict:
 
 
 def write_submission(root: Path, job_id: str, cluster: str, wave: int, groups, jobs) -> Path:
-    """``slurm/submissions/<job id>.json``: which array task runs which tasks of which cells."""
+    """``slurm/submissions/<time>-<job id>.json``: which array task runs which tasks of which cells."""
     # one file per submission; the time first, as job ids of the local/debug clusters repeat
     path = root / "submissions" / f"{time.time_ns()}-{job_id}.json"
     atomic_write_json(path, {
@@ -255,17 +254,6 @@ def write_submission(root: Path, job_id: str, cluster: str, wave: int, groups, j
         "tasks": [{"job_id": job.job_id, "tasks": [t.as_list() for t in g]}
                   for g, job in zip(groups, jobs)]})
     return path
-
-
-def read_submissions(output: Path) -> list[dict]:
-    folder = Path(output) / "slurm" / "submissions"
-    out = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return sorted(out, key=lambda s: s.get("submitted_unix", 0))
 
 
 @hookimpl
