@@ -91,8 +91,11 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
     with Reporter(enabled=not no_progress) as reporter:
         summary = run_suite(suite, output=output, reporter=reporter, rerun_failed=retry_failed,
                             device=device, select=select, deterministic=deterministic)
+    submitted = f", {len(summary.submitted)} submitted" if summary.submitted else ""
     console.print(f"{len(summary.cells)} cells: {len(summary.ok)} ran, {len(summary.skipped)} "
-                  f"already finished, {len(summary.failed)} failed -> {summary.output}")
+                  f"already finished, {len(summary.failed)} failed{submitted} -> {summary.output}")
+    if summary.submitted:
+        console.print(f"follow them with: ptqbench status {summary.output}")
     if summary.other_code:
         keys = ", ".join(c.key for c in summary.other_code[:4])
         more = f" and {len(summary.other_code) - 4} more" if len(summary.other_code) > 4 else ""
@@ -100,6 +103,8 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
                       f"produced by other ptqbench/plugin sources (their records' 'code' "
                       f"differs); their results were kept. To recompute them with this code, "
                       f"run into a fresh output folder (-o).", style="yellow")
+    if summary.submitted and not (summary.ok or summary.skipped or summary.failed):
+        return  # nothing finished yet: no leaderboard
     df = records_frame(load_records(summary.output))
     board = leaderboard(df)
     if not board.empty:
@@ -196,6 +201,15 @@ def _add_diagnose() -> None:
 
 
 _add_diagnose()
+
+
+def _add_status() -> None:
+    from .status import status
+
+    cli.add_command(status)
+
+
+_add_status()
 
 
 def main():

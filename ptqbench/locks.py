@@ -1,27 +1,164 @@
-"""Advisory file locks: workers (threads or processes, on one host or a shared filesystem that
-supports flock) that would produce the same artefact wait for each other instead of doing the
-work twice. The OS drops a lock when its holder dies, so a killed run never leaves one behind."""
+"""Advisory file locks between workers (threads, processes, hosts sharing one output folder).
+
+The rule (README, "Running on a cluster"):
+
+* **Correctness never depends on a lock.** Every artefact (record, sample shard, checkpoint,
+  cache entry) is deterministic and appears under its final name by one atomic rename of a
+  complete temp file in the same folder. Two workers that do the same work write the same bytes;
+  the last rename wins. Locks only keep workers from doing the same work twice.
+* **A lock is the OS's, not the file's.** ``locks/*.lock`` files are created and never deleted;
+  their existence means nothing. The lock is an ``flock`` on the open file, which the kernel drops
+  when the holder dies (any death, ``kill -9`` included) and an NFS server drops when the holder's
+  host stops renewing its lease (NFSv4: about 90 s). So a lock file left behind by a dead holder is
+  free. The files are safe to delete while nothing runs.
+* **Filesystems without cluster-wide flock** (flock refused, or Lustre mounted ``localflock``,
+  where flock is node-local): ``PTQBENCH_LOCKS=files`` (automatic when flock is refused) uses
+  heartbeat files instead: the holder creates ``NAME.held`` exclusively and rewrites it every
+  ``HEARTBEAT_S`` seconds; a waiter breaks a ``.held`` file not rewritten for ``STALE_S`` seconds
+  (its holder is dead, or its host is unreachable, which is the same to the others).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import os
+import socket
+import threading
+import time
+import uuid
 from pathlib import Path
+from typing import Iterator
+
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
+POLL_S = 0.5
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def lock_mode() -> str:
+    mode = os.environ.get("PTQBENCH_LOCKS", "flock")
+    return mode if mode in ("flock", "files") else "flock"
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path):
+def exclusive_lock(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock on ``lock_path`` (created if missing) for the ``with`` body.
 
+    Yields True when held. With ``blocking=False`` it yields False at once when another worker
+    holds the lock (the body then runs without it and must not do the guarded work).
     Not re-entrant: a holder that asks again for the same path waits for itself."""
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
+    if lock_mode() == "files":
+        with _heartbeat_lock(lock_path, blocking) as held:
+            yield held
+        return
+    try:
+        import fcntl
+    except ImportError:  # non-POSIX: no waiting; atomic renames still keep artefacts whole
+        yield True
+        return
     with open(lock_path, "a+") as f:
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
         try:
-            import fcntl
-        except ImportError:  # non-POSIX: no waiting; atomic renames still keep artefacts whole
-            yield
+            fcntl.flock(f.fileno(), flags)
+        except BlockingIOError:
+            yield False
             return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _NO_FLOCK:
+                raise
+            os.environ["PTQBENCH_LOCKS"] = "files"  # this filesystem has no flock: stop trying
+            with _heartbeat_lock(lock_path, blocking) as held:
+                yield held
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def is_locked(lock_path: Path) -> bool:
+    """Whether some live worker holds the lock (for ``ptqbench status``; never waits)."""
+    lock_path = Path(lock_path)
+    if not lock_path.exists() and not _held_path(lock_path).exists():
+        return False
+    with exclusive_lock(lock_path, blocking=False) as held:
+        return not held
+
+
+# ---- heartbeat files (filesystems without a cluster-wide flock) -----------------------------
+def _held_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".held")
+
+
+@contextlib.contextmanager
+def _heartbeat_lock(lock_path: Path, blocking: bool) -> Iterator[bool]:
+    held = _held_path(lock_path)
+    token = uuid.uuid4().hex
+    while not _try_create(held, token):
+        _break_if_stale(held)
+        if not blocking:
+            if _try_create(held, token):
+                break
+            yield False
+            return
+        time.sleep(POLL_S)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(held, token, stop), daemon=True)
+    beat.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        beat.join()
+        if _owner(held) == token:
+            with contextlib.suppress(FileNotFoundError):
+                held.unlink()
+
+
+def _try_create(held: Path, token: str) -> bool:
+    try:
+        fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"token": token, "host": socket.gethostname(), "pid": os.getpid()}, fh)
+    return True
+
+
+def _owner(held: Path) -> str | None:
+    try:
+        return json.loads(held.read_text()).get("token")
+    except (OSError, ValueError):
+        return None
+
+
+def _beat(held: Path, token: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        if _owner(held) != token:
+            return  # broken by a waiter that thought us dead: nothing left to keep alive
+        with contextlib.suppress(OSError):
+            os.utime(held)
+
+
+def _break_if_stale(held: Path) -> None:
+    try:
+        age = time.time() - held.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age < STALE_S:
+        return
+    # rename first: of several waiters that see the same stale file, exactly one moves it away
+    grave = held.with_name(f"{held.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(held, grave)
+    except FileNotFoundError:
+        return
+    if time.time() - grave.stat().st_mtime < STALE_S:
+        # another waiter broke the stale file and a live holder made a new one in between:
+        # put it back unless yet another one exists (best effort; see the rule above)
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, held)
+    grave.unlink()

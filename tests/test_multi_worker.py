@@ -1,5 +1,9 @@
 """The multi-gpu executor's worker processes, exercised on CPU devices: the same records as a
-sequential run, FP samples made once, and a worker that dies fails only its own cell."""
+sequential run, FP samples made once, a worker that dies fails only its own cell, sharded cells;
+and many worker processes writing one output folder at once."""
+import multiprocessing
+import os
+
 import numpy as np
 from click.testing import CliRunner
 
@@ -75,3 +79,97 @@ def test_a_dead_worker_fails_only_its_cell(tmp_path, tiny_model_dir):
     assert recs["dies"]["status"] == "failed"
     assert recs["dies"]["error"]["type"] == "WorkerDied"
     assert recs["rtn"]["status"] == "ok" and recs["fp"]["status"] == "ok"
+
+
+W8_SMALL_CALIBRATION = """
+    [grid]
+    bits = ["W8A8"]
+    [methods.rtn]
+    preset = "rtn"
+    selector_options = { steps = 2, per_step = 8 }
+"""
+
+SHARDED_WORKERS = """
+    [run]
+    executor = "multi-gpu"
+    executor_options = { devices = ["cpu", "cpu"], sample_shards = 2 }
+"""
+
+
+def test_sharded_cells_on_worker_processes_give_the_unsharded_samples(tmp_path, tiny_model_dir):
+    (tmp_path / "p").mkdir()
+    local = small_tiny_suite(tmp_path, W8_SMALL_CALIBRATION, num_samples=32)
+    sharded = small_tiny_suite(tmp_path / "p", SHARDED_WORKERS + W8_SMALL_CALIBRATION,
+                               num_samples=32)
+    assert run([local, "-o", tmp_path / "seq"]).exit_code == 0
+    result = run([sharded, "-o", tmp_path / "par"])
+    assert result.exit_code == 0, result.output
+    recs = records(tmp_path / "par")
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs)
+    for rec in recs:
+        # batch 16: two shards of one batch each, sampled by the shard tasks (the finish task
+        # found both), on either worker
+        assert [(s["start"], s["stop"]) for s in rec["sample_shards"]] == [(0, 16), (16, 32)]
+        x = Store(tmp_path / "seq").load_samples(rec["gen_key"], 32)
+        y = Store(tmp_path / "par").load_samples(rec["gen_key"], 32)
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 1  # worker threads: float rounding
+    assert "shard 0-16 of" in result.output and "shard 16-32 of" in result.output
+
+
+# ---- many worker processes on one output folder ----------------------------------------------
+def _run_cells_in_order(suite, out, order, log_dir):
+    """A forked worker: runs the suite's cells in ``order`` into ``out``, logging every shard
+    and record it writes (the test counts them)."""
+    import torch
+
+    from ptqbench.pipeline.runner import make_runner, prepare
+
+    loaded, registry, cells = prepare(suite)
+    runner = make_runner(loaded, registry, out)
+    log = open(log_dir / f"{os.getpid()}.log", "a")
+    write_shard, write_record = Store.write_shard, Store.write_record
+
+    def logged_shard(self, gen_key, start, images):
+        log.write(f"shard {gen_key} {start}\n")
+        log.flush()
+        return write_shard(self, gen_key, start, images)
+
+    def logged_record(self, key, record):
+        log.write(f"record {key}\n")
+        log.flush()
+        return write_record(self, key, record)
+
+    Store.write_shard, Store.write_record = logged_shard, logged_record
+    for i in order:
+        runner.run(cells[i], torch.device("cpu"))
+
+
+def test_many_workers_on_one_folder_do_every_piece_of_work_once(tmp_path, tiny_model_dir):
+    """Three processes run the whole suite into one folder at once, each in another order:
+    every cell is run once (the others wait for it) and every sample shard written once."""
+    suite = small_tiny_suite(tmp_path, """
+        [methods.rtn]
+        preset = "rtn"
+        selector_options = { steps = 2, per_step = 8 }
+    """, num_samples=16)
+    text = suite.read_text().replace("batch_size = 16", "batch_size = 8")
+    suite.write_text(text)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    ctx = multiprocessing.get_context("fork")  # forked: no second torch import per worker
+    procs = [ctx.Process(target=_run_cells_in_order, args=(suite, out, order, logs))
+             for order in ([0, 1, 2], [1, 2, 0], [2, 0, 1])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    recs = records(out)
+    assert len(recs) == 3 and all(r["status"] == "ok" for r in recs)
+    lines = [line for f in logs.iterdir() for line in f.read_text().splitlines()]
+    assert sorted(l for l in lines if l.startswith("record")) == sorted(f"record {r['key']}" for r in recs)
+    shards = [l for l in lines if l.startswith("shard")]
+    # FP + two quantized cells, 16 samples in batches of 8: six chunks, each written once
+    assert len(shards) == 6 and len(set(shards)) == 6
+    for rec in recs:
+        assert Store(out).load_samples(rec["gen_key"], 16) is not None

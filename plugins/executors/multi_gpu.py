@@ -5,12 +5,14 @@ gets to its metrics before they exist waits on the samples' lock), then cells th
 (the longest), then the rest, so that the devices finish at about the same time. A worker keeps
 its models loaded between cells. A worker process that dies (out of memory, a segfault) fails
 its cell's record; the device gets a fresh worker for the next cell.
+
+With ``sample_shards = S`` each cell's sampling is split over S workers by sample index range
+(:mod:`ptqbench.pipeline.tasks`): a worker takes the next task whose inputs exist.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,16 +21,19 @@ import torch
 
 from ptqbench import Executor, hookimpl
 from ptqbench.errors import PtqbenchError
-from ptqbench.pipeline.worker import init_worker, run_cell
+from ptqbench.pipeline.tasks import parse_shards, plan, run_task_in_worker
+from ptqbench.pipeline.worker import init_worker
 
 
 class MultiGPUExecutor(Executor):
     name = "multi-gpu"
     description = ("Run cells in parallel, one worker process per GPU (option devices: 'all' "
-                   "or a list such as [\"cuda:0\", \"cuda:2\"])")
+                   "or a list such as [\"cuda:0\", \"cuda:2\"]; sample_shards: workers that "
+                   "share one cell's sampling)")
 
-    def __init__(self, devices="all", device: str = "auto"):
-        super().__init__(devices=devices)
+    def __init__(self, devices="all", device: str = "auto", sample_shards: int = 1):
+        super().__init__(devices=devices, sample_shards=sample_shards)
+        self.sample_shards = parse_shards(sample_shards, "multi-gpu")
         if device not in ("auto", None):  # ptqbench run --device NAME: that device alone
             names = [device]
         elif devices == "all":
@@ -54,38 +59,65 @@ class MultiGPUExecutor(Executor):
     def run_cells(self, cells, run_one):
         if not cells:
             return
-        todo: queue.Queue = queue.Queue()
-        for cell in sorted(cells, key=_priority):
-            todo.put(cell)
+        by_key = {c.key: c for c in cells}
+        ev = run_one.runner.loaded.suite.evaluation
+        todo = [t for wave in plan(cells, ev.num_samples, ev.batch_size, self.sample_shards)
+                for t in wave]
+        unfinished = set(todo)
+        changed = threading.Condition()
         threads_each = max(1, (os.cpu_count() or 1) // len(self._devices))
         errors: list[BaseException] = []
 
+        def next_task():
+            # the first task (in plan order) whose inputs are done; None when all are taken
+            with changed:
+                while todo and not errors:
+                    for task in todo:
+                        if not any(task.waits_for(o) for o in unfinished):
+                            todo.remove(task)
+                            return task
+                    changed.wait()
+                return None
+
+        def done(task):
+            with changed:
+                unfinished.discard(task)
+                changed.notify_all()
+
         def feed(index, device):
-            # one thread per device feeds its worker process one cell at a time
+            # one thread per device feeds its worker process one task at a time
             label = f"{device}" if len(set(self._devices)) == len(self._devices) else f"worker {index}"
             pool = None
             try:
-                while not errors:
+                while (task := next_task()) is not None:
                     try:
-                        cell = todo.get_nowait()
-                    except queue.Empty:
-                        return
-                    if pool is None:
-                        pool = ProcessPoolExecutor(
-                            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                            initializer=init_worker, initargs=(str(device), threads_each, label))
-                    run_one.started(cell, label)
-                    try:
-                        record = pool.submit(run_cell, run_one.job, cell.key, str(device)).result()
-                    except BrokenProcessPool as exc:
-                        run_one.crashed(cell, device, f"the worker process on {label} died while "
-                                                      f"running this cell ({exc})")
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        pool = None
-                        continue
-                    run_one.finished(cell, record)
+                        if pool is None:
+                            pool = ProcessPoolExecutor(
+                                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=init_worker, initargs=(str(device), threads_each, label))
+                        cell = by_key[task.key]
+                        if task.runs_cell:
+                            run_one.started(cell, label)
+                        elif run_one.reporter is not None:
+                            run_one.reporter.log(f"  {task.label()} of {cell.title()} on {label}")
+                        try:
+                            record = pool.submit(run_task_in_worker, run_one.job, task,
+                                                 str(device)).result()
+                        except BrokenProcessPool as exc:
+                            if task.runs_cell:  # a dead shard is resampled by its finish task
+                                run_one.crashed(cell, device, f"the worker process on {label} "
+                                                              f"died while running this cell ({exc})")
+                            pool.shutdown(wait=False, cancel_futures=True)
+                            pool = None
+                            continue
+                        if task.runs_cell:
+                            run_one.finished(cell, record)
+                    finally:
+                        done(task)
             except BaseException as exc:
-                errors.append(exc)
+                with changed:
+                    errors.append(exc)
+                    changed.notify_all()
             finally:
                 if pool is not None:
                     pool.shutdown(wait=True)
@@ -98,11 +130,6 @@ class MultiGPUExecutor(Executor):
             t.join()
         if errors:
             raise errors[0]
-
-
-def _priority(cell) -> tuple:
-    reconstructs = getattr(getattr(cell, "resolved", None), "reconstructor", None) not in (None, "none")
-    return (not getattr(cell, "is_fp", False), not reconstructs)
 
 
 @hookimpl

@@ -124,6 +124,23 @@ class CellRunner:
         return record
 
     def run(self, cell: Cell, device: torch.device) -> dict:
+        # The cell's lock is held while it runs (`ptqbench status` reports it as running). With
+        # several runs on one folder, a cell another worker runs or has finished since this run
+        # chose it is waited for and its record returned, not computed again.
+        with self.store.lock(f"cell-{cell.key}", blocking=False) as free:
+            if free:
+                return self._run_unless_done(cell, device)
+        self.log(f"{cell.title()} is running in another worker: waiting for its record")
+        with self.store.lock(f"cell-{cell.key}"):
+            return self._run_unless_done(cell, device)
+
+    def _run_unless_done(self, cell: Cell, device: torch.device) -> dict:
+        record = self.store.read_record(cell.key)
+        if record is not None and record.get("status") == "ok":
+            return record
+        return self._run_and_record(cell, device)
+
+    def _run_and_record(self, cell: Cell, device: torch.device) -> dict:
         timer = StageTimer(device)
         record = self._header(cell, device)
         try:
@@ -151,11 +168,14 @@ class CellRunner:
         record["model_identity"] = adapter.identity()
         model = fp_model
         if not cell.is_fp:
-            model = self._quantize(cell, adapter, fp_model, spec, device, timer, record)
+            with self.store.lock(f"quant-{cell.quant_key}"):  # one builder per quantized model
+                model = self._quantize(cell, adapter, fp_model, spec, device, timer, record)
         with timer.stage("sample"):
             samples = generate(adapter, model, spec, ev.num_samples, cell.seed, ev.batch_size,
                                device, self.store, cell.gen_key, self.reporter,
                                label=f"sampling {cell.method} {cell.bits}")
+        if self.store.shard_reports(cell.gen_key):  # sampled by shard tasks (sample_shards)
+            record["sample_shards"] = self.store.shard_reports(cell.gen_key)
         fp_samples = samples if cell.is_fp else self._fp_samples(cell, adapter, fp_model, spec,
                                                                  device, timer)
         del model

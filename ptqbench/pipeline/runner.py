@@ -24,6 +24,8 @@ class RunSummary:
     other_code: list[Cell] = field(default_factory=list)
     ok: list[Cell] = field(default_factory=list)
     failed: list[Cell] = field(default_factory=list)
+    #: cells handed to a batch system that runs them after this command returns (slurm, wait=false)
+    submitted: list[Cell] = field(default_factory=list)
     output: Optional[Path] = None
 
 
@@ -106,6 +108,12 @@ class CellDispatch:
         else:
             err = record["error"]
             self.reporter.log(f"  [red]failed[/red] {cell.title()}: {err['type']}: {err['message']}")
+
+    def submitted(self, cell: Cell, job_id: str) -> None:
+        """A cell left to a batch system (it runs after this command returns)."""
+        self.summary.submitted.append(cell)
+        if self.reporter is not None:
+            self.reporter.log(f"  [cyan]submitted[/cyan] {cell.title()} (job {job_id})")
 
     def crashed(self, cell: Cell, device, message: str) -> dict:
         record = self.runner.crash_record(cell, device, message)

@@ -40,6 +40,12 @@ def init_worker(device: str, threads: Optional[int] = None, label: Optional[str]
 
 def run_cell(job: CellJob, cell_key: str, device: str) -> dict:
     """Run the cell ``cell_key`` of ``job`` on ``device`` in this process; returns its record."""
+    runner, cell = runner_for(job, cell_key, device)
+    return runner.run(cell, torch.device(device))
+
+
+def runner_for(job: CellJob, cell_key: str, device: str):
+    """This process's runner of ``job`` (built once, kept with its loaded models) and the cell."""
     if job not in _runners:
         from ..progress import Reporter
         from .runner import make_runner, prepare
@@ -54,7 +60,7 @@ def run_cell(job: CellJob, cell_key: str, device: str) -> dict:
     if cell_key not in cells:
         raise KeyError(f"cell {cell_key} is not in {job.suite_file} as this worker reads it "
                        f"(was the suite edited while it ran?)")
-    return runner.run(cells[cell_key], torch.device(device))
+    return runner, cells[cell_key]
 
 
 def _die_with_parent() -> None:
