@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from ..interfaces import ModelAdapter
-from ..quant.context import sampler_step
-from ..sampling import DDIMSampler, SamplerSpec
+from ..sampling import SamplerSpec
 from ..store import Store
 
 
@@ -34,20 +33,15 @@ def _generate_missing(adapter, model, spec, num_samples, seed, batch_size, devic
     todo = missing_chunks(store.shard_starts(gen_key), num_samples, batch_size)
     if not todo:
         return
-    sampler = DDIMSampler(spec, adapter.scheduler_config)
-
-    def denoise(x, t, k):
-        # per-timestep activation parameters (TFMQ-style) select their set by the step index
-        with sampler_step(k):
-            return adapter.denoise(model, x, t)
-
+    # the adapter owns the loop: conditioning, guidance and the sampler kind are its business
+    sampler = adapter.make_sampler(spec)
     bar = (reporter.task(label, total=num_samples) if reporter
            else contextlib.nullcontext(lambda n=1, description=None: None))
     with bar as advance:
         advance(num_samples - sum(len(idx) for idx in todo))  # shards of an earlier run
         for idx in todo:
             with torch.inference_mode():
-                x0 = sampler.run(denoise, adapter.sample_shape, idx, seed, device)
+                x0 = adapter.sample(model, spec, idx, seed, device, sampler=sampler)
                 images = adapter.decode(x0).cpu().numpy()
             store.write_shard(gen_key, idx.start, images)
             advance(len(idx))

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from ..errors import PtqbenchError, SuiteError
 from ..quant.bits import parse_bits
-from ..sampling import SPACINGS
+from ..sampling import KINDS, SPACINGS
 
 
 @dataclass
@@ -36,8 +36,9 @@ class SamplerEntry:
     spacing: str = "uniform"
 
     def check(self, path, file):
-        if self.kind != "ddim":
-            raise SuiteError(file, f"{path}.kind", f"unknown sampler {self.kind!r}; known: ddim")
+        if self.kind not in KINDS:
+            raise SuiteError(file, f"{path}.kind",
+                             f"unknown sampler {self.kind!r}; known: {', '.join(KINDS)}")
         if self.spacing not in SPACINGS:
             raise SuiteError(file, f"{path}.spacing",
                              f"unknown spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
