@@ -47,3 +47,68 @@ def build_dit(folder: Path, learned_variance: bool = False, latent: bool = False
                       block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
                       sample_size=16).save_pretrained(folder / "vae")
     return folder, "dit", {"guidance_scale": 1.5}
+
+
+def _tiny_unet2d(latent_channels: int, church_layout: bool):
+    from diffusers import UNet2DModel
+
+    extra = ({"resnet_time_scale_shift": "scale_shift", "downsample_type": "resnet",
+              "upsample_type": "resnet"} if church_layout else {})
+    return UNet2DModel(sample_size=8, in_channels=latent_channels, out_channels=latent_channels,
+                       block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+                       **extra)
+
+
+def _tiny_vq(latent_channels: int = 3, scaling_factor: float = 1.0):
+    from diffusers import VQModel
+
+    return VQModel(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                   down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                   up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                   block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                   num_vq_embeddings=16, sample_size=16, scaling_factor=scaling_factor)
+
+
+def _tiny_kl(latent_channels: int = 4, scaling_factor: float = 0.5):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                         block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                         sample_size=16, scaling_factor=scaling_factor)
+
+
+def build_ldm(folder: Path, autoencoder: str = "vq", seed: int = 0) -> tuple[Path, str, dict]:
+    """Unconditional LDM: ``vq`` = LDM-4 bedroom layout (VQ f2 here, 3 latent channels),
+    ``kl`` = LDM-8 church layout (scale-shift norm, resnet up/down samplers, KL, 4 channels)."""
+    _seeded(seed)
+    if autoencoder == "vq":
+        _tiny_unet2d(3, False).save_pretrained(folder / "unet")
+        _tiny_vq().save_pretrained(folder / "vqvae")
+    else:
+        _tiny_unet2d(4, True).save_pretrained(folder / "unet")
+        _tiny_kl().save_pretrained(folder / "vae")
+    _scheduler(folder, LDM_SCHEDULER, "DDIMScheduler")
+    return folder, "ldm", {}
+
+
+def build_ldm_cin(folder: Path, seed: int = 0) -> tuple[Path, str, dict]:
+    """cin256-v2 layout: cross-attention UNet on one learned class token; 5 classes + null."""
+    from diffusers import UNet2DConditionModel
+
+    from ptqbench_plugins.models.ldm_cin import EMBEDDER_DIR, save_class_embedder
+
+    _seeded(seed)
+    UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                         layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
+                         attention_head_dim=4,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")
+                         ).save_pretrained(folder / "unet")
+    save_class_embedder(torch.nn.Embedding(6, 12), folder / EMBEDDER_DIR)
+    _tiny_vq().save_pretrained(folder / "vqvae")
+    _scheduler(folder, LDM_SCHEDULER, "DDIMScheduler")
+    return folder, "ldm-cin", {"guidance_scale": 3.0}

@@ -57,7 +57,10 @@ def shortcut_splits(model: nn.Module) -> dict[str, int]:
     after its own input, so the first ``in_channels - skip`` channels are the features.
     """
     if not all(hasattr(model, a) for a in ("conv_in", "down_blocks", "up_blocks")):
-        return {}
+        # a conditioning wrapper (ptqbench.conditioned) around the UNet
+        inner = getattr(model, "unet", None)
+        return ({} if inner is None else
+                {f"unet.{k}": v for k, v in shortcut_splits(inner).items()})
     stack = [model.conv_in.out_channels]
     for down in model.down_blocks:
         for res in down.resnets:
