@@ -112,3 +112,56 @@ def build_ldm_cin(folder: Path, seed: int = 0) -> tuple[Path, str, dict]:
     _tiny_vq().save_pretrained(folder / "vqvae")
     _scheduler(folder, LDM_SCHEDULER, "DDIMScheduler")
     return folder, "ldm-cin", {"guidance_scale": 3.0}
+
+
+def _byte_vocab() -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary (no merges): every byte, as itself and as a word
+    end, plus the start/end tokens - enough to tokenize any prompt."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+                "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
+
+
+def build_sd(folder: Path, seed: int = 0) -> tuple[Path, str, dict]:
+    """SD v1 layout: cross-attention UNet, a 2-layer CLIP text encoder (16 tokens), a KL VAE,
+    a character-level tokenizer and a prompt file (``prompts.txt``)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    _seeded(seed)
+    vocab = _byte_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    tok.save_pretrained(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        projection_dim=12)).save_pretrained(folder / "text_encoder")
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                         layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
+                         attention_head_dim=4,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+                         ).save_pretrained(folder / "unet")
+    _tiny_kl(scaling_factor=0.18215).save_pretrained(folder / "vae")
+    _scheduler(folder, SD_SCHEDULER, "PNDMScheduler")
+    (folder / "prompts.txt").write_text("a red cube on a table\nan astronaut riding a horse\n"
+                                        "two cats\n")
+    return folder, "stable-diffusion", {"prompts": str(folder / "prompts.txt"),
+                                        "guidance_scale": 7.5}
