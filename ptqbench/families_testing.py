@@ -165,3 +165,22 @@ def build_sd(folder: Path, seed: int = 0) -> tuple[Path, str, dict]:
                                         "two cats\n")
     return folder, "stable-diffusion", {"prompts": str(folder / "prompts.txt"),
                                         "guidance_scale": 7.5}
+
+
+def build_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny CLIPModel (16x16 images, 8-d embeddings) and a char-level tokenizer, for the
+    clip-score metric."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    _seeded(seed)
+    vocab = _byte_vocab()
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16).save_pretrained(folder)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=12, intermediate_size=24,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=12, intermediate_size=24,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8)).save_pretrained(folder)
+    return folder
