@@ -184,3 +184,56 @@ def build_clip(folder: Path, seed: int = 0) -> Path:
                            num_hidden_layers=1, num_attention_heads=2),
         projection_dim=8)).save_pretrained(folder)
     return folder
+
+
+def family_suite(tmp_path: Path, folder: Path, plugin: str, options: dict,
+                 sampler: str = 'kind = "ddim"\nsteps = 4\nspacing = "uniform"',
+                 num_samples: int = 4, methods=("fp", "rtn", "qdiffusion"),
+                 bits=("W8A8",)) -> Path:
+    """A small suite over one family's tiny instance: fp, rtn and Q-Diffusion on a tiny
+    budget, paired metric."""
+    import json
+    import textwrap
+
+    opts = ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
+    suite = Path(tmp_path) / f"family-{plugin}.toml"
+    suite.write_text(textwrap.dedent(f"""
+        [suite]
+        name = "family-{plugin}"
+        [models.m]
+        plugin = "{plugin}"
+        path = "{folder}"
+        options = {{ {opts} }}
+        [samplers.s]
+        """) + sampler + textwrap.dedent(f"""
+        [grid]
+        models = ["m"]
+        samplers = ["s"]
+        bits = {json.dumps(list(bits))}
+        methods = {json.dumps(list(methods))}
+        [evaluation]
+        num_samples = {num_samples}
+        batch_size = {num_samples}
+        metrics = ["paired"]
+        [methods.rtn]
+        preset = "rtn"
+        selector_options = {{ steps = 2, per_step = 4 }}
+        [methods.qdiffusion]
+        preset = "qdiffusion"
+        selector_options = {{ steps = 2, per_step = 4 }}
+        reconstructor_options = {{ iters_w = 4, iters_a = 2, batch_size = 4 }}
+        """))
+    return suite
+
+
+#: every family's tiny instance: name -> (builder kwargs, sampler TOML lines)
+FAMILIES = {
+    "dit": (build_dit, {}, 'kind = "ddim"\nsteps = 4\nspacing = "uniform"'),
+    "dit-latent-learned-sigma": (build_dit, {"learned_variance": True, "latent": True},
+                                 'kind = "ddpm"\nsteps = 4\nspacing = "linspace"'),
+    "ldm-vq": (build_ldm, {"autoencoder": "vq"},
+               'kind = "ddim"\nsteps = 4\nspacing = "leading"\neta = 1.0'),
+    "ldm-kl": (build_ldm, {"autoencoder": "kl"}, 'kind = "ddim"\nsteps = 4\nspacing = "leading"'),
+    "ldm-cin": (build_ldm_cin, {}, 'kind = "ddim"\nsteps = 4\nspacing = "leading"'),
+    "stable-diffusion": (build_sd, {}, 'kind = "pndm"\nsteps = 4\nspacing = "leading"'),
+}
