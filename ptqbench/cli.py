@@ -200,6 +200,15 @@ def _add_diagnose() -> None:
 _add_diagnose()
 
 
+def _add_convert_ldm() -> None:
+    from .convert_cli import convert_ldm_command
+
+    cli.add_command(convert_ldm_command)
+
+
+_add_convert_ldm()
+
+
 def main():
     cli(prog_name="ptqbench")
 

@@ -52,12 +52,15 @@ def build_dit(folder: Path, learned_variance: bool = False, latent: bool = False
 def _tiny_unet2d(latent_channels: int, church_layout: bool):
     from diffusers import UNet2DModel
 
+    # church: scale-shift norm and ResNet down/up samplers, as the LDM-8 checkpoint
     extra = ({"resnet_time_scale_shift": "scale_shift", "downsample_type": "resnet",
-              "upsample_type": "resnet"} if church_layout else {})
+              "upsample_type": "resnet", "attn_norm_num_groups": 4} if church_layout else {})
+    plain = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if church_layout \
+        else ("DownBlock2D", "UpBlock2D")
     return UNet2DModel(sample_size=8, in_channels=latent_channels, out_channels=latent_channels,
                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+                       down_block_types=(plain[0], "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", plain[1]), attention_head_dim=4,
                        **extra)
 
 

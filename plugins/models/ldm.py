@@ -21,6 +21,7 @@ from ptqbench import Block, ModelAdapter, hookimpl
 from ptqbench.adapter_utils import (OnceLoaded, load_component, load_config, to_uint8,
                                     weights_sha256)
 from ptqbench.conditioned import unet_blocks
+from ptqbench.convert_ldm import apply_attention_heads
 from ptqbench.errors import PtqbenchError
 from ptqbench_plugins.models.diffusers_unet import resolve_model_path
 
@@ -60,9 +61,10 @@ class LatentDiffusion(ModelAdapter):
         ae_config = load_config(ae_cls, self.path, self.ae_subfolder, "autoencoder", revision)
         self.latent_scale = float(latent_scale if latent_scale is not None
                                   else ae_config.get("scaling_factor", 1.0))
-        self._unet = OnceLoaded(lambda: load_component(
+        # a head count recorded by convert-ldm (LSUN-Church: 8 heads at every width)
+        self._unet = OnceLoaded(lambda: apply_attention_heads(load_component(
             getattr(diffusers, self.unet_class), self.path, "unet", "UNet", revision,
-            low_cpu_mem_usage=False))
+            low_cpu_mem_usage=False), Path(self.path) / "unet"))
         self._ae = OnceLoaded(lambda: load_component(ae_cls, self.path, self.ae_subfolder,
                                                      "autoencoder", revision,
                                                      low_cpu_mem_usage=False))
