@@ -48,12 +48,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("-o", "--output", type=Path, default=None)
+    ap.add_argument("--family", action="append", help="only these families (default: all)")
     args = ap.parse_args()
     from ptqbench.families_testing import FAMILIES
 
     work = Path(tempfile.mkdtemp(prefix="family-smoke-"))
     rows = []
     for name, (builder, kwargs, sampler) in FAMILIES.items():
+        if args.family and name not in args.family:
+            continue
         if name == "stable-diffusion":
             try:
                 import transformers  # noqa: F401
