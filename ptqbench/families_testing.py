@@ -192,7 +192,7 @@ def build_clip(folder: Path, seed: int = 0) -> Path:
 def family_suite(tmp_path: Path, folder: Path, plugin: str, options: dict,
                  sampler: str = 'kind = "ddim"\nsteps = 4\nspacing = "uniform"',
                  num_samples: int = 4, methods=("fp", "rtn", "qdiffusion"),
-                 bits=("W8A8",)) -> Path:
+                 bits=("W8A8",), recipe: str = "{}") -> Path:
     """A small suite over one family's tiny instance: fp, rtn and Q-Diffusion on a tiny
     budget, paired metric."""
     import json
@@ -221,9 +221,11 @@ def family_suite(tmp_path: Path, folder: Path, plugin: str, options: dict,
         [methods.rtn]
         preset = "rtn"
         selector_options = {{ steps = 2, per_step = 4 }}
+        recipe = {recipe}
         [methods.qdiffusion]
         preset = "qdiffusion"
         selector_options = {{ steps = 2, per_step = 4 }}
+        recipe = {recipe}
         reconstructor_options = {{ iters_w = 4, iters_a = 2, batch_size = 4 }}
         """))
     return suite
