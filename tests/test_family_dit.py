@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from family_suites import family_suite, run_suite
-from ptqbench.calib.trajectories import get_trajectories, read_manifest, store_dir
+from ptqbench.calib.trajectories import get_trajectories, read_manifest
 from ptqbench.families_testing import build_dit
 from ptqbench.quant import (QuantRecipe, calibrate_activation_ranges, load_quantized,
                             quantize_model, save_quantized)
@@ -85,6 +85,10 @@ def test_calibration_data_holds_both_guidance_passes(tiny_dit, tmp_path):
     assert torch.equal(small.x, traj.x[:, :3]) and torch.equal(small.cond, traj.cond[:3])
     key_dir = next(p for p in (tmp_path / "trajectories").rglob("manifest.json")).parent
     assert read_manifest(key_dir)["passes"] == 2
+    # EDA-DM's features: one row per trajectory (its conditional pass), none left empty
+    feat = get_trajectories(a, m, spec, num_samples=5, seed=0, cache_dir=tmp_path / "f",
+                            device=CPU, batch_size=2, with_features=True).features
+    assert feat.shape[:2] == (3, 3) and bool((feat.flatten(2).abs().sum(-1) > 0).all())
 
 
 def test_quantized_dit_save_load_and_adaln_option(tiny_dit, tmp_path):

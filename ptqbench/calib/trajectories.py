@@ -223,7 +223,8 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
     P = denoiser_passes(adapter, seed, index_offset)
     num_traj = -(-num_samples // P)
     shape = tuple(adapter.sample_shape)
-    n_feat = min(feature_samples, num_samples) if with_features else 0
+    # features of the first trajectories (their conditional pass: the first rows of a batch)
+    n_feat = min(feature_samples, num_traj) if with_features else 0
     x_mm = np.lib.format.open_memmap(out_dir / "x.npy", mode="w+", dtype=np.float32,
                                      shape=(S, num_samples, *shape))
     t_rec: Optional[torch.Tensor] = None
