@@ -87,6 +87,12 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
             if rec is not None and made_by_other_code(rec, code):
                 state += ", other code"
             click.echo(f"  {cell.key}  {cell.title()}  [{state}]")
+        from .assets import suite_assets
+        assets = suite_assets(loaded, cells)
+        if assets:
+            click.echo("models and files (checked offline):")
+            for asset in assets:
+                click.echo(asset.line())
         return
     with Reporter(enabled=not no_progress) as reporter:
         summary = run_suite(suite, output=output, reporter=reporter, rerun_failed=retry_failed,
@@ -209,7 +215,14 @@ def _add_status() -> None:
     cli.add_command(status)
 
 
+def _add_convert_ldm() -> None:
+    from .convert_cli import convert_ldm_command
+
+    cli.add_command(convert_ldm_command)
+
+
 _add_status()
+_add_convert_ldm()
 
 
 def main():

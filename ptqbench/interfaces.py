@@ -70,6 +70,69 @@ class ModelAdapter(Plugin, ABC):
         """What identifies the weights (path/hub id, hash); goes into cache keys and records."""
         return {}
 
+    # ---- conditioning and guidance (unconditional families keep these defaults) ---------
+    #: classifier-free guidance scale; 1 = the conditional prediction alone (no second pass)
+    guidance_scale: float = 1.0
+
+    def conditioning(self, indices: torch.Tensor, seed: int) -> Optional[torch.Tensor]:
+        """The conditioning of sample ``indices`` (class labels, prompt token ids), a pure
+        function of (seed, index) like the starting noise; None for unconditional models."""
+        return None
+
+    def null_conditioning(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional counterpart of ``cond`` (null class, empty prompt)."""
+        raise NotImplementedError(f"{self.name} has no null conditioning")
+
+    def denoiser_passes(self, cond: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        """The conditionings the denoiser is called with at one sampler step: ``[cond]``, or
+        ``[cond, null]`` under guidance. Every pass is a real denoiser input, so calibration
+        data holds them all (``ptqbench.calib.trajectories``)."""
+        if cond is None or self.guidance_scale == 1.0:
+            return [cond]
+        return [cond, self.null_conditioning(cond)]
+
+    def combine_guidance(self, cond_out: torch.Tensor, uncond_out: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance on the two passes' outputs."""
+        return uncond_out + self.guidance_scale * (cond_out - uncond_out)
+
+    def guided_denoise(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                       cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """One sampler step's model output: the passes of :meth:`denoiser_passes` run as one
+        batch, combined by :meth:`combine_guidance`."""
+        passes = self.denoiser_passes(cond)
+        if len(passes) == 1:
+            return self.denoise(model, x, t, passes[0])
+        n = len(passes)
+        out = self.denoise(model, torch.cat([x] * n), torch.cat([t] * n), torch.cat(passes))
+        return self.combine_guidance(*out.chunk(n))
+
+    # ---- the sampling loop --------------------------------------------------------------
+    def make_sampler(self, spec) -> Any:
+        """The sampler of ``spec`` on this model's schedule: an object with ``timesteps`` and
+        ``run(denoise, shape, indices, seed, device, on_step)`` (see ptqbench.sampling)."""
+        from .samplers import make_sampler
+
+        return make_sampler(spec, self.scheduler_config)
+
+    def sample(self, model: nn.Module, spec, indices, seed: int, device: torch.device,
+               on_step: Optional[Callable] = None, sampler: Any = None) -> torch.Tensor:
+        """Run the sampling loop for sample ``indices``; returns the final latents/pixels
+        (decode them with :meth:`decode`). ``on_step(k, x_t, t)`` sees each step's input."""
+        from .quant.context import sampler_step
+
+        sampler = sampler if sampler is not None else self.make_sampler(spec)
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        cond = self.conditioning(idx, seed)
+        cond = None if cond is None else cond.to(device)
+
+        def denoise(x, t, k):
+            # per-timestep activation parameters (TFMQ-style) select their set by step index
+            with sampler_step(k):
+                return self.guided_denoise(model, x, t, cond)
+
+        return sampler.run(denoise, tuple(self.sample_shape), list(indices), seed, device,
+                           on_step=on_step)
+
 
 # --------------------------------------------------------------------------------------------
 # calibration data

@@ -15,7 +15,9 @@ import torch
 
 from .errors import PtqbenchError
 
-SPACINGS = ("uniform", "quad")
+SPACINGS = ("uniform", "quad", "leading", "linspace")
+#: sampler kinds; ddpm and pndm live in ptqbench.samplers
+KINDS = ("ddim", "ddpm", "pndm")
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,8 @@ class SamplerSpec:
     spacing: str = "uniform"
 
     def __post_init__(self):
-        if self.kind != "ddim":
-            raise PtqbenchError(f"unknown sampler kind {self.kind!r}; known: ddim")
+        if self.kind not in KINDS:
+            raise PtqbenchError(f"unknown sampler kind {self.kind!r}; known: {', '.join(KINDS)}")
         if self.spacing not in SPACINGS:
             raise PtqbenchError(f"unknown timestep spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
         if self.steps < 1:
@@ -43,13 +45,18 @@ def ddim_timesteps(steps: int, num_train_timesteps: int, spacing: str) -> np.nda
 
     ``uniform``: 0, T/S, 2T/S, ... (DDIM's and Q-Diffusion's "uniform" skip);
     ``quad``: (linspace(0, sqrt(0.8 T), S))^2, the quadratic skip DDIM and Q-Diffusion use for
-    CIFAR-10 (denser at low noise).
+    CIFAR-10 (denser at low noise);
+    ``leading``: uniform + 1, the LDM code's DDIM grid (``steps_offset=1``);
+    ``linspace``: round(linspace(0, T-1, S)), DiT's respacing (``space_timesteps``).
     """
     T = num_train_timesteps
     if steps > T:
         raise PtqbenchError(f"{steps} sampler steps exceed the model's {T} training timesteps")
-    if spacing == "uniform":
-        seq = np.arange(0, T, T // steps)[:steps]
+    if spacing in ("uniform", "leading"):
+        seq = np.arange(0, T, T // steps)[:steps] + (1 if spacing == "leading" else 0)
+        seq = np.minimum(seq, T - 1)
+    elif spacing == "linspace":
+        seq = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)
     elif spacing == "quad":
         # As in DDIM's and Q-Diffusion's code: the low end can repeat a timestep (e.g. 0, 0, 0);
         # a repeated step is an identity update there, and is kept for comparability.
@@ -91,12 +98,15 @@ class DDIMSampler:
         sched = DDPMScheduler.from_config(scheduler_config)
         self.num_train_timesteps = sched.config.num_train_timesteps
         self.alphas_cumprod = sched.alphas_cumprod.double()
+        # LDM's DDIM (set_alpha_to_one=False) ends on alphas_cumprod[0], not on 1
+        self.final_alpha = (1.0 if scheduler_config.get("set_alpha_to_one", True)
+                            else float(self.alphas_cumprod[0]))
         self.prediction_type = sched.config.prediction_type
         self.timesteps = torch.from_numpy(
             ddim_timesteps(spec.steps, self.num_train_timesteps, spec.spacing))
 
     def alpha(self, t: int) -> float:
-        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+        return self.final_alpha if t < 0 else float(self.alphas_cumprod[t])
 
     def step(self, model_out: torch.Tensor, k: int, x: torch.Tensor,
              noise: Optional[torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,8 @@ fid, sfid, kid, prc also take
   reference      the dataset to compare with (required): .npy/.npz uint8 array, image folder or
                  CIFAR-10 python-batch folder (see ``ptqbench.metrics.reference``)
   num_reference  use the first N reference images (default: all)
+  reference_statistics  fid/sfid: "images" (default: statistics of the reference images with
+                 this extractor) or "file" (an ADM .npz's precomputed mu/sigma, mu_s/sigma_s)
 fid, sfid, fid-to-fp: bootstrap (resamples for the 95% interval, default 30; 0 = no interval)
 kid: subsets (default 100), subset_size (default 1000, capped at N // 2)
 prc: neighborhood (k of the k-NN balls, default 3)
@@ -39,7 +41,8 @@ from ptqbench.metrics.features import (FeatureSet, cached_features, featurize, s
 from ptqbench.metrics.fid import bootstrap_fid, fid_value, frechet_distance
 from ptqbench.metrics.inception import (EXTRACTOR_CLASS, InceptionFeaturizer, check_images,
                                         get_featurizer, resolve_weights)
-from ptqbench.metrics.reference import fingerprint, open_reference
+from ptqbench.metrics.fid import Gaussian
+from ptqbench.metrics.reference import STAT_KEYS, file_statistics, fingerprint, open_reference
 from ptqbench.metrics.scores import inception_score, kid, precision_recall
 
 _REQUIRED = object()
@@ -154,19 +157,42 @@ class _InceptionMetric(Metric):
 class _FrechetMetric(_InceptionMetric):
     """FID on pool features or sFID on spatial features against a dataset reference."""
 
-    extra_options = {**_REFERENCE, "bootstrap": (30, int, 0)}
+    extra_options = {**_REFERENCE, "bootstrap": (30, int, 0),
+                     "reference_statistics": ("images", str, None)}
     kind = "pool"
     output = "fid"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.cfg["reference_statistics"] not in ("images", "file"):
+            raise PtqbenchError(f"metric {self.name!r}: option 'reference_statistics' must be "
+                                f"'images' or 'file', got {self.cfg['reference_statistics']!r}")
 
     def compute(self, samples: torch.Tensor, context: MetricContext) -> dict[str, dict]:
         fz = self._featurizer(context)
         gen = self._samples(samples, context, fz)
-        ref, ref_info = self._dataset_reference(context, fz)
-        ref_gauss = ref.gaussian(self.kind, context.device)
+        ref_gauss, ref_info = self._file_reference(context)
+        if ref_gauss is None:
+            ref, ref_info = self._dataset_reference(context, fz)
+            ref_gauss = ref.gaussian(self.kind, context.device)
         value = frechet_distance(gen.gaussian(self.kind, context.device), ref_gauss)
         reps = bootstrap_fid(gen.raw(self.kind), ref_gauss, self.cfg["bootstrap"], self.cfg["seed"])
         out = fid_value(value, reps, "samples resampled, reference statistics fixed")
         return {self.output: self._annotate(out, gen.n, ref_info)}
+
+
+    def _file_reference(self, context: MetricContext):
+        """ADM batches' precomputed statistics, when ``reference_statistics = "file"``."""
+        if self.cfg["reference_statistics"] != "file":
+            return None, None
+        src = open_reference(self.cfg["reference"], context.base_dir, self.cfg["num_reference"])
+        stats = file_statistics(src, self.kind)
+        if stats is None:
+            raise PtqbenchError(f"reference {src.path}: reference_statistics = 'file' but it "
+                                f"holds no {'/'.join(STAT_KEYS[self.kind])} (an ADM .npz does)")
+        self._reference = {"path": str(src.path), "kind": "adm-statistics", "n": stats.n,
+                           "statistics": "/".join(STAT_KEYS[self.kind])}
+        return Gaussian.from_stats(stats, context.device), self._reference
 
 
 class FID(_FrechetMetric):

@@ -6,9 +6,16 @@ seed, index offset, feature options; see :func:`trajectory_key`). It holds
 
 - ``x.npy``         float32 (num_steps, num_samples, C, H, W): the denoiser *input* at each step,
 - ``t.npy``         int64 (num_steps,): the timestep that exact input was fed with,
-- ``cond.npy``      (num_samples, ...) conditioning, only when the adapter has any,
+- ``cond.npy``      (num_samples, ...) conditioning of each entry, only when the adapter has any,
 - ``features.npy``  float32 (num_steps, feature_samples, ...): feature-site outputs, when asked,
 - ``manifest.json`` the key, shapes, and the SHA-256 of every file (written last).
+
+Conditional models: the store's "samples" are *denoiser inputs* (entries). Under classifier-free
+guidance the denoiser sees every x_t twice, with the condition and with the null condition, and
+both passes are calibration data: entry j holds pass ``j % P`` of trajectory ``j // P``
+(P = ``len(adapter.denoiser_passes(cond))``, recorded in the manifest as ``passes``). A store
+of n entries therefore records ceil(n / P) trajectories, and the first n entries of any larger
+store of the family are the same n.
 
 Arrays are ``.npy`` so they can be memory-mapped: selectors gather a few thousand (step, sample)
 pairs without reading the whole store. A recording is written into a ``.partial-*`` folder and
@@ -37,7 +44,7 @@ import torch
 from ..errors import PtqbenchError
 from ..interfaces import ModelAdapter, Trajectories
 from ..locks import exclusive_lock
-from ..sampling import DDIMSampler, SamplerSpec
+from ..sampling import SamplerSpec
 
 FORMAT = "ptqbench-trajectories/1"
 #: first sample index of calibration trajectories (evaluation samples use 0..N-1)
@@ -193,6 +200,12 @@ def _site_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def denoiser_passes(adapter: ModelAdapter, seed: int, index: int = CALIB_INDEX_OFFSET) -> int:
+    """How many denoiser inputs one trajectory step gives (2 under classifier-free guidance)."""
+    cond = adapter.conditioning(torch.tensor([index]), seed)
+    return len(adapter.denoiser_passes(cond))
+
+
 def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: SamplerSpec,
                         num_samples: int, seed: int, out_dir: Path, device, batch_size: int,
                         index_offset: int = CALIB_INDEX_OFFSET, with_features: bool = False,
@@ -205,14 +218,16 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
     the schedule (the off-by-one some codebases have).
     """
     device = torch.device(device)
-    sampler = DDIMSampler(spec, adapter.scheduler_config)
+    sampler = adapter.make_sampler(spec)
     S = len(sampler.timesteps)
+    P = denoiser_passes(adapter, seed, index_offset)
+    num_traj = -(-num_samples // P)
     shape = tuple(adapter.sample_shape)
-    n_feat = min(feature_samples, num_samples) if with_features else 0
+    # features of the first trajectories (their conditional pass: the first rows of a batch)
+    n_feat = min(feature_samples, num_traj) if with_features else 0
     x_mm = np.lib.format.open_memmap(out_dir / "x.npy", mode="w+", dtype=np.float32,
                                      shape=(S, num_samples, *shape))
     t_rec: Optional[torch.Tensor] = None
-    cond_fn = getattr(adapter, "conditioning", None)  # optional: (indices, seed) -> Tensor|None
     cond_mm = None
     feat_mm = None
     site = None
@@ -231,8 +246,9 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
     handle = site.register_forward_hook(hook) if site is not None else None
     started = time.time()
     try:
-        for start in range(0, num_samples, batch_size):
-            stop = min(start + batch_size, num_samples)
+        for start in range(0, num_traj, batch_size):
+            stop = min(start + batch_size, num_traj)
+            e0, e1 = start * P, min(stop * P, num_samples)  # the entries of these trajectories
             indices = list(range(index_offset + start, index_offset + stop))
             # On CUDA the steps stream into pinned host memory (async copies, no per-step sync),
             # so a batch's trajectories never have to fit on the device.
@@ -240,9 +256,11 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
             tbuf = torch.empty((S, stop - start), dtype=torch.long, device=device)
             state["n_feat"] = max(0, min(stop, n_feat) - start)
             state["feat_buf"] = None
-            cond = cond_fn(torch.tensor(indices), seed) if cond_fn is not None else None
+            cond = adapter.conditioning(torch.tensor(indices), seed)
             if cond is not None:
                 cond = cond.to(device)
+                # (B*P, ...): the passes of each trajectory next to each other
+                entries_cond = torch.stack(adapter.denoiser_passes(cond), 1).flatten(0, 1)
                 if cond_mm is None:
                     cond_mm = np.lib.format.open_memmap(
                         out_dir / "cond.npy", mode="w+",
@@ -254,11 +272,9 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
                 xbuf[k].copy_(x_t, non_blocking=True)
                 tbuf[k].copy_(t_vec)
 
-            def denoise(x, t_vec, k, _cond=cond):
-                return adapter.denoise(fp_model, x, t_vec, _cond)
-
             with torch.no_grad():
-                sampler.run(denoise, shape, indices, seed, device, on_step=on_step)
+                adapter.sample(fp_model, spec, indices, seed, device, on_step=on_step,
+                               sampler=sampler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the async copies into xbuf have landed
             # One transfer per batch, not per step.
@@ -270,9 +286,10 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
                 t_rec = tb[:, 0].clone()
             elif not torch.equal(t_rec, tb[:, 0]):
                 raise PtqbenchError("sampler timesteps differ between batches")
-            x_mm[:, start:stop] = xbuf.numpy()
+            xs = xbuf.numpy() if P == 1 else np.repeat(xbuf.numpy(), P, axis=1)
+            x_mm[:, e0:e1] = xs[:, :e1 - e0]
             if cond_mm is not None:
-                cond_mm[start:stop] = cond.cpu().numpy()
+                cond_mm[e0:e1] = entries_cond[:e1 - e0].cpu().numpy()
             if state["feat_buf"] is not None:
                 fb = state["feat_buf"].cpu().numpy()
                 if feat_mm is None:
@@ -280,8 +297,8 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
                         out_dir / "features.npy", mode="w+", dtype=np.float32,
                         shape=(S, n_feat, *fb.shape[2:]))
                 feat_mm[:, start:start + fb.shape[1]] = fb
-            _report(progress, stop, num_samples,
-                    f"trajectories: {stop}/{num_samples} samples ({time.time() - started:.0f} s)")
+            _report(progress, e1, num_samples,
+                    f"trajectories: {e1}/{num_samples} samples ({time.time() - started:.0f} s)")
     finally:
         if handle is not None:
             handle.remove()
@@ -292,7 +309,7 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
             mm.flush()
     del x_mm, cond_mm, feat_mm
     np.save(out_dir / "t.npy", t_rec.numpy().astype(np.int64))
-    return {"num_steps": S, "seconds": time.time() - started,
+    return {"num_steps": S, "seconds": time.time() - started, "passes": P,
             "sampler_timesteps": sampler.timesteps.tolist()}
 
 
@@ -353,7 +370,8 @@ def get_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, sampler_s
                 "format": FORMAT, "key": key, "key_sha256": key_hash(key),
                 "content_sha256": content, "num_steps": info["num_steps"],
                 "num_samples": int(num_samples), "sample_shape": list(adapter.sample_shape),
-                "timesteps": info["sampler_timesteps"], "files": files,
+                "timesteps": info["sampler_timesteps"], "passes": info["passes"],
+                "files": files,
                 "record_seconds": round(info["seconds"], 3), "batch_size": int(batch_size),
                 "device": str(device), "torch": torch.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

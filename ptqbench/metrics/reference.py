@@ -9,6 +9,14 @@ folder) and is one of
 - a folder of ``data_batch_*`` pickles (CIFAR-10's python version: rows of 3072 bytes, RGB planes);
 - a folder of PNG/JPEG images (not recursive, sorted by file name, decoded to RGB).
 
+ADM reference batches (``VIRTUAL_imagenet256_labeled.npz``, ``VIRTUAL_lsun_bedroom256.npz``) are
+``.npz`` files with the images in ``arr_0`` (NHWC uint8; labels, if any, in ``arr_1``) and the ADM
+evaluator's precomputed statistics ``mu``/``sigma`` (pool, 2048-d) and ``mu_s``/``sigma_s``
+(spatial, 2023-d): :func:`file_statistics` returns them, and the FID/sFID metrics use them with
+``reference_statistics = "file"`` (the default "images" recomputes them from ``arr_0`` with this
+project's extractor, so every number comes from one Inception). A folder of images is searched
+recursively when it has no image at its top level (ImageNet/LSUN class folders).
+
 ``num_reference`` keeps the first N images in that order. Images are normalised to uint8
 (N, C, H, W), and the reference is identified by the sha256 of exactly those bytes (shape
 included), so two files with the same pixels share a cache entry and one changed pixel does not.
@@ -33,6 +41,9 @@ from .hashing import HashMemo, sha256_tensor, stat_signature
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NPZ_KEYS = ("x", "images", "arr_0")
+#: precomputed statistics in ADM reference batches, by feature kind
+STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
+_NON_IMAGE_KEYS = {"arr_1", "mu", "sigma", "mu_s", "sigma_s"}
 _memo = HashMemo()
 
 
@@ -120,7 +131,10 @@ class ReferenceSource:
         if self.path.suffix.lower() == ".npy":
             return np.load(self.path, mmap_mode="r", allow_pickle=False)
         with np.load(self.path, allow_pickle=False) as z:
-            names = list(z.files)
+            names = [k for k in z.files if k not in _NON_IMAGE_KEYS]
+            if not names:
+                raise PtqbenchError(f"{self.path}: holds statistics but no images (arr_0); use "
+                                    "reference_statistics = \"file\"")
             name = names[0] if len(names) == 1 else next((k for k in _NPZ_KEYS if k in names), None)
             if name is None:
                 raise PtqbenchError(f"{self.path}: .npz holds several arrays {names}; name the images "
@@ -146,6 +160,9 @@ def open_reference(option: str, base_dir: Optional[Path] = None,
         batches.sort(key=lambda p: int(p.name.rsplit("_", 1)[1]))
         return ReferenceSource(path, "cifar-batches", batches, num)
     images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:  # class sub-folders (ImageNet/LSUN exports): every image below, sorted by path
+        images = sorted(p for p in path.rglob("*") if p.is_file()
+                        and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise PtqbenchError(f"reference {path}: no .npy/.npz file, data_batch_* pickles or "
                             f"{'/'.join(IMAGE_SUFFIXES)} images found")
@@ -167,3 +184,24 @@ def fingerprint(source: ReferenceSource,
     key = json.dumps(source.describe(), sort_keys=True)
     value, _ = _memo.get(key, stat_signature(source.files), compute, memo_dir)
     return value, (loaded[0] if loaded else None)
+
+
+def file_statistics(source: ReferenceSource, kind: str):
+    """The precomputed (mu, sigma) of an ADM reference batch for ``kind`` ("pool" or
+    "spatial") as FeatureStats, or None when the file has none. ``n`` is the image count of
+    ``arr_0`` when present (ADM batches hold 10k or 50k images), else 0."""
+    from .fid import FeatureStats
+
+    if source.kind != "array" or source.path.suffix.lower() != ".npz":
+        return None
+    mu_key, sigma_key = STAT_KEYS[kind]
+    with np.load(source.path, allow_pickle=False) as z:
+        if mu_key not in z.files or sigma_key not in z.files:
+            return None
+        mu = np.asarray(z[mu_key], dtype=np.float64)
+        sigma = np.asarray(z[sigma_key], dtype=np.float64)
+        n = int(z["arr_0"].shape[0]) if "arr_0" in z.files else 0
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise PtqbenchError(f"{source.path}: {mu_key}/{sigma_key} have shapes {mu.shape}/"
+                            f"{sigma.shape}, expected (d,) and (d, d)")
+    return FeatureStats(mu, sigma, n)

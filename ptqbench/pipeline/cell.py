@@ -83,6 +83,10 @@ class CellRunner:
         return {"name": name, "source": info.source,
                 "version": getattr(info.cls, "version", None)}
 
+    def evaluation(self, cell: Cell):
+        """The cell's evaluation ([evaluation] with its model's overrides)."""
+        return cell.evaluation or self.loaded.suite.evaluation
+
     def log(self, msg: str) -> None:
         if self.reporter is not None:
             self.reporter.log(msg)
@@ -90,7 +94,7 @@ class CellRunner:
     # ---- one cell -----------------------------------------------------------------------
     def _header(self, cell: Cell, device: torch.device) -> dict:
         """The part of a record known before the cell runs: what, with which code, where."""
-        ev = self.loaded.suite.evaluation
+        ev = self.evaluation(cell)
         m = cell.resolved
         return {
             "key": cell.key, "cell": {"model": cell.model, "sampler": cell.sampler,
@@ -160,7 +164,7 @@ class CellRunner:
         return record
 
     def _run(self, cell: Cell, device: torch.device, timer: StageTimer, record: dict) -> None:
-        ev = self.loaded.suite.evaluation
+        ev = self.evaluation(cell)
         spec = self.sampler_spec(cell)
         with timer.stage("load"):
             adapter = self.adapter(cell.model)
@@ -183,7 +187,7 @@ class CellRunner:
             self._metrics(cell, samples, fp_samples, device, record)
 
     def _fp_samples(self, cell, adapter, fp_model, spec, device, timer) -> np.ndarray:
-        ev = self.loaded.suite.evaluation
+        ev = self.evaluation(cell)
         fp = self.store.load_samples(cell.fp_gen_key, ev.num_samples)
         if fp is None:
             # The FP cell is running in another worker (generate() waits for its lock, then
@@ -227,7 +231,7 @@ class CellRunner:
         weighting = self.registry.create("weightings", m.weighting, m.weighting_options)
         reconstructor = self.registry.create("reconstructors", m.reconstructor,
                                              m.reconstructor_options)
-        batch = m.calibration_batch_size or self.loaded.suite.evaluation.batch_size
+        batch = m.calibration_batch_size or self.evaluation(cell).batch_size
         traj_options = selector.trajectory_options(spec.steps)
         if m.calibration_trajectories:
             traj_options["num_samples"] = m.calibration_trajectories
@@ -261,7 +265,7 @@ class CellRunner:
         return qmodel
 
     def _metrics(self, cell, samples: np.ndarray, fp_samples: np.ndarray, device, record) -> None:
-        ev = self.loaded.suite.evaluation
+        ev = self.evaluation(cell)
         ctx = MetricContext(fp_samples=torch.from_numpy(fp_samples), is_reference_cell=cell.is_fp,
                             cache_dir=self.cache_dir, device=device, seed=cell.seed,
                             base_dir=self.loaded.file.parent)

@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from ..interfaces import ModelAdapter
-from ..quant.context import sampler_step
-from ..sampling import DDIMSampler, SamplerSpec
+from ..sampling import SamplerSpec
 from ..store import Store
 
 
@@ -43,18 +42,14 @@ def generate_range(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerS
                           start=indices.start)
     if not todo:
         return
-    sampler = DDIMSampler(spec, adapter.scheduler_config)
-
-    def denoise(x, t, k):
-        # per-timestep activation parameters (TFMQ-style) select their set by the step index
-        with sampler_step(k):
-            return adapter.denoise(model, x, t)
+    # the adapter owns the loop: conditioning, guidance and the sampler kind are its business
+    sampler = adapter.make_sampler(spec)
 
     def sample_chunk(idx: range) -> None:
         if store.has_shard(gen_key, idx):
             return  # another worker finished it since we listed the missing chunks
         with torch.inference_mode():
-            x0 = sampler.run(denoise, adapter.sample_shape, idx, seed, device)
+            x0 = adapter.sample(model, spec, idx, seed, device, sampler=sampler)
             images = adapter.decode(x0).cpu().numpy()
         store.write_shard(gen_key, idx.start, images)
 

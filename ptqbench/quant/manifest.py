@@ -1,6 +1,8 @@
 """Coverage manifest: every quantized op with its bits/granularity/regime, and what stays FP."""
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 from .attention import QuantAttnProcessor
@@ -23,7 +25,10 @@ def _act_entry(q: ActQuantizer, recipe) -> dict:
             "params": "per_step" if q.num_steps > 1 else "shared", "num_steps": q.num_steps}
 
 
-def build_manifest(qmodel: nn.Module, recipe, fp_layers: dict) -> dict:
+def build_manifest(qmodel: nn.Module, recipe, fp_layers: dict,
+                   roles: Optional[dict] = None) -> dict:
+    """``roles``: layer name -> role (time_embedding, adaln, text_encoder; see quant.roles)."""
+    roles = roles or {}
     layers, matmuls, fp_modules = [], [], []
     inside_quant: set[str] = set()
     for name, m in qmodel.named_modules():
@@ -34,6 +39,8 @@ def build_manifest(qmodel: nn.Module, recipe, fp_layers: dict) -> dict:
         if isinstance(m, QuantLayer):
             entry = {"name": name, "type": m.kind, "in": m.in_features, "out": m.out_features,
                      "split": m.split or None}
+            if name in roles:
+                entry["role"] = roles[name]
             wqs = m.weight_quantizers
             if wqs is None:
                 entry["weight"] = "fp"
@@ -57,6 +64,8 @@ def build_manifest(qmodel: nn.Module, recipe, fp_layers: dict) -> dict:
         elif name and name not in inside_quant and not any(True for _ in m.children()):
             reason = fp_layers.get(name, "not a quantized op type")
             fp_modules.append({"name": name, "type": type(m).__name__, "reason": reason})
+            if name in roles:
+                fp_modules[-1]["role"] = roles[name]
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 n_wfp += m.weight.numel()
     attn_fp = []
@@ -87,6 +96,9 @@ def build_manifest(qmodel: nn.Module, recipe, fp_layers: dict) -> dict:
             "weight_params_quantized": n_wq,
             "weight_params_fp": n_wfp,
         },
+        "roles": {role: {"quantized": sum(1 for e in layers if e.get("role") == role),
+                         "fp": sum(1 for e in fp_modules if e.get("role") == role)}
+                  for role in sorted(set(roles.values()))},
     }
 
 

@@ -21,6 +21,7 @@ from .modules import QuantLayer
 from .observer import RangeObserver
 from .quantizer import init_range, scale_zero_point
 from .recipe import QuantRecipe
+from .roles import keep_fp_reason, layer_roles
 
 #: attribute of a quantized model holding how it was built (read by save/load and reconstruction)
 META_ATTR = "_ptqbench_quant"
@@ -56,7 +57,10 @@ def shortcut_splits(model: nn.Module) -> dict[str, int]:
     after its own input, so the first ``in_channels - skip`` channels are the features.
     """
     if not all(hasattr(model, a) for a in ("conv_in", "down_blocks", "up_blocks")):
-        return {}
+        # a conditioning wrapper (ptqbench.conditioned) around the UNet
+        inner = getattr(model, "unet", None)
+        return ({} if inner is None else
+                {f"unet.{k}": v for k, v in shortcut_splits(inner).items()})
     stack = [model.conv_in.out_channels]
     for down in model.down_blocks:
         for res in down.resnets:
@@ -73,10 +77,6 @@ def shortcut_splits(model: nn.Module) -> dict[str, int]:
             if getattr(res, "conv_shortcut", None) is not None and 0 < split < res.in_channels:
                 splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = split
     return splits
-
-
-def _is_time_embedding(name: str) -> bool:
-    return name.startswith("time_embedding") or name.split(".")[-1] == "time_emb_proj"
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -118,6 +118,7 @@ def quantize_model(fp_model: nn.Module, recipe: QuantRecipe,
     qmodel = copy.deepcopy(fp_model)
     qmodel.requires_grad_(False)
     first, last = first_last_layers(qmodel, adapter)
+    roles = layer_roles(qmodel, adapter)
     splits = shortcut_splits(qmodel) if recipe.split_shortcut else {}
     layer_info: dict[str, dict] = {}
     fp_layers: dict[str, str] = {}
@@ -127,8 +128,9 @@ def quantize_model(fp_model: nn.Module, recipe: QuantRecipe,
                    if isinstance(m, (nn.Conv2d, nn.Linear))]
         for name, layer in targets:
             role = "first" if name == first else "last" if name == last else None
-            if _is_time_embedding(name) and not recipe.quantize_time_embedding:
-                fp_layers[name] = "time embedding kept in full precision (recipe)"
+            reason = keep_fp_reason(roles.get(name), recipe)
+            if reason is not None:
+                fp_layers[name] = reason
                 continue
             if role is not None and recipe.first_last_fp:
                 fp_layers[name] = f"{role} layer kept in full precision (recipe)"
@@ -146,7 +148,7 @@ def quantize_model(fp_model: nn.Module, recipe: QuantRecipe,
                             weight_per_channel=recipe.weight_granularity == "channel",
                             act_mode=recipe.act_mode, act_steps=recipe.act_steps, split=split)
             _set_module(qmodel, name, ql)
-            layer_info[name] = {"role": role, "split": split}
+            layer_info[name] = {"role": role or roles.get(name), "split": split}
             if init_weight_ranges and ql.weight_quantizers is not None:
                 for wq in ql.weight_quantizers:
                     wq.init_range(recipe.weight_init, recipe.percentile, recipe.mse_p,
@@ -164,7 +166,7 @@ def quantize_model(fp_model: nn.Module, recipe: QuantRecipe,
 
     setattr(qmodel, META_ATTR, {"recipe": recipe.to_dict(), "fp_layers": fp_layers,
                                 "attention": attn_names})
-    manifest = build_manifest(qmodel, recipe, fp_layers)
+    manifest = build_manifest(qmodel, recipe, fp_layers, roles)
     return qmodel, manifest
 
 

@@ -39,6 +39,11 @@ OPTION_DOCS = {
     "softmax_bits": "bits of the softmax output, unsigned (default 8, Q-Diffusion --sm_abit)",
     "quantize_time_embedding": "quantize the timestep-embedding MLP and the per-block time "
                                "projections (default true, as Q-Diffusion)",
+    "quantize_adaln": "quantize adaLN modulation layers (DiT's per-block shift/scale/gate "
+                      "linears and final proj_out_1; default true, PTQ4DiT/Q-DiT); false keeps "
+                      "them in full precision",
+    "quantize_text_encoder": "quantize the text encoder of text-to-image models (default false: "
+                             "kept in full precision, as the diffusion-PTQ papers)",
 }
 
 
@@ -62,6 +67,8 @@ class QuantRecipe:
     attn_bits: Optional[int] = None
     softmax_bits: int = 8
     quantize_time_embedding: bool = True
+    quantize_adaln: bool = True
+    quantize_text_encoder: bool = False
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -162,7 +169,7 @@ def _bits_opt(name, v):
 
 def _check(name: str, v: Any) -> Any:
     if name in ("weight_symmetric", "act_symmetric", "split_shortcut", "quantize_attention",
-                "quantize_time_embedding"):
+                "quantize_time_embedding", "quantize_adaln", "quantize_text_encoder"):
         return _bool(name, v)
     if name == "weight_granularity":
         return _choice(name, v, ("channel", "tensor"))

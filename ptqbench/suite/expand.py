@@ -9,6 +9,7 @@ The FP method ignores bit-widths, so it yields one cell per (model, sampler, see
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Optional
 
 from ..methods import ResolvedMethod, resolve
 from .loader import LoadedSuite
+from .schema import Evaluation, MethodEntry
 
 FP_BITS = "FP"
 
@@ -39,6 +41,8 @@ class Cell:
     quant_key: Optional[str]
     fp_gen_key: str
     labels: dict = field(default_factory=dict)
+    #: the evaluation of this cell: [evaluation] with its model's overrides
+    evaluation: Optional[Evaluation] = None
 
     @property
     def is_fp(self) -> bool:
@@ -58,14 +62,42 @@ def _sampler_config(loaded: LoadedSuite, name: str) -> dict:
     return {"name": name, "kind": s.kind, "steps": s.steps, "eta": s.eta, "spacing": s.spacing}
 
 
+def model_evaluation(suite, model: str) -> Evaluation:
+    """[evaluation] with the model's [models.X.evaluation] overrides."""
+    ev, over = suite.evaluation, suite.models[model].evaluation
+    options = copy.deepcopy(ev.metric_options)
+    for name, opts in over.metric_options.items():
+        options[name] = {**options.get(name, {}), **opts}
+    metrics = list(over.metrics if over.metrics is not None else ev.metrics)
+    return Evaluation(num_samples=over.num_samples or ev.num_samples,
+                      batch_size=over.batch_size or ev.batch_size, metrics=metrics,
+                      metric_options={k: v for k, v in options.items() if k in metrics})
+
+
+def model_method(suite, model: str, method: str) -> Optional[MethodEntry]:
+    """The suite's [methods.M] (or the preset) with the model's [models.X.methods.M] overrides."""
+    over = suite.models[model].methods.get(method)
+    base = suite.methods.get(method)
+    if over is None:
+        return base
+    entry = copy.deepcopy(base) if base is not None else MethodEntry()
+    for part in ("selector_options", "weighting_options", "reconstructor_options", "recipe"):
+        getattr(entry, part).update(copy.deepcopy(getattr(over, part)))
+    for part in ("calibration_trajectories", "calibration_batch_size"):
+        if getattr(over, part) is not None:
+            setattr(entry, part, getattr(over, part))
+    return entry
+
+
 def expand(loaded: LoadedSuite) -> list[Cell]:
     s = loaded.suite
-    ev = s.evaluation
-    evaluation = {"metrics": list(ev.metrics), "metric_options": ev.metric_options}
     cells: list[Cell] = []
     seen: set[str] = set()
     for model in s.grid.models:
-        for sampler in s.grid.samplers:
+        ev = model_evaluation(s, model)
+        evaluation = {"metrics": list(ev.metrics), "metric_options": ev.metric_options}
+        only = s.models[model].samplers
+        for sampler in [x for x in s.grid.samplers if not only or x in only]:
             for seed in s.grid.seeds:
                 base = {"model": _model_config(loaded, model),
                         "sampler": _sampler_config(loaded, sampler), "seed": seed}
@@ -73,7 +105,7 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
                           "num_samples": ev.num_samples}
                 fp_gen_key = config_hash(_gen_identity(fp_gen))
                 for method in s.grid.methods:
-                    resolved = resolve(method, s.methods.get(method))
+                    resolved = resolve(method, model_method(s, model, method))
                     for bits in ([FP_BITS] if resolved.is_fp else s.grid.bits):
                         quant = {**base, "bits": bits, "method": resolved.as_dict()}
                         gen = {**quant, "num_samples": ev.num_samples}
@@ -87,7 +119,7 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
                             resolved=resolved, config=config, key=key,
                             gen_key=config_hash(_gen_identity(gen)),
                             quant_key=None if resolved.is_fp else config_hash(_gen_identity(quant)),
-                            fp_gen_key=fp_gen_key))
+                            fp_gen_key=fp_gen_key, evaluation=ev))
     # FP cells first: every quantized cell is paired with their samples
     cells.sort(key=lambda c: (not c.is_fp,))
     return cells

@@ -99,7 +99,8 @@ def load_suite(path: Optional[str | Path] = None) -> LoadedSuite:
             raise SuiteError(file, f"methods.{name}.preset",
                              "required: the preset this method starts from")
     for name, entry in suite.models.items():
-        _check_model_path(file, name, entry.path, model_dirs.get(name, file.parent))
+        if not entry.download:  # with a download hint, --dry-run reports a missing folder
+            _check_model_path(file, name, entry.path, model_dirs.get(name, file.parent))
     return LoadedSuite(suite, file.resolve(), model_dirs, list(dict.fromkeys(plugin_files)))
 
 
@@ -136,6 +137,9 @@ def check_plugins(loaded: LoadedSuite, registry) -> None:
             need(family, name, f"{where}.{family[:-1]}")
     for i, metric in enumerate(s.evaluation.metrics):
         need("metrics", metric, f"evaluation.metrics[{i}]")
+    for mname, entry in s.models.items():
+        for i, metric in enumerate(entry.evaluation.metrics or []):
+            need("metrics", metric, f"models.{mname}.evaluation.metrics[{i}]")
     need("executors", s.run.executor, "run.executor")
     if not s.grid.bits and any(not resolve(m, s.methods.get(m)).is_fp for m in s.grid.methods):
         raise SuiteError(file, "grid.bits", "empty: quantized methods need at least one bit-width")
@@ -156,9 +160,15 @@ def check_options(loaded: LoadedSuite, registry) -> None:
         except PtqbenchError as exc:
             raise SuiteError(file, key, str(exc)) from None
 
-    for i, mname in enumerate(s.grid.methods):
-        m = resolve(mname, s.methods.get(mname))
-        where = f"methods.{mname}" if mname in s.methods else f"grid.methods[{i}]"
+    from .expand import model_evaluation, model_method
+
+    checks = [(mname, s.methods.get(mname), f"methods.{mname}" if mname in s.methods
+               else f"grid.methods[{i}]") for i, mname in enumerate(s.grid.methods)]
+    checks += [(mname, model_method(s, model, mname), f"models.{model}.methods.{mname}")
+               for model in s.grid.models for mname in s.models[model].methods
+               if mname in s.grid.methods]
+    for mname, entry, where in checks:
+        m = resolve(mname, entry)
         for family, name, options in (("selectors", m.selector, m.selector_options),
                                       ("weightings", m.weighting, m.weighting_options),
                                       ("reconstructors", m.reconstructor, m.reconstructor_options)):
@@ -170,9 +180,15 @@ def check_options(loaded: LoadedSuite, registry) -> None:
                 build(f"{where}.recipe", lambda b=bits: QuantRecipe.from_options(
                     bits=b, **{"sampler_steps": 1, **m.recipe}
                     if m.recipe.get("act_params") == "per_step" else m.recipe))
-    for name in s.evaluation.metrics:
-        build(f"evaluation.metric_options.{name}",
-              lambda n=name: registry.create("metrics", n, s.evaluation.metric_options.get(n, {})))
+    # each model's metrics with its options ([evaluation] merged with [models.X.evaluation])
+    for model in s.grid.models:
+        ev = model_evaluation(s, model)
+        own = s.models[model].evaluation.metric_options
+        for name in ev.metrics:
+            key = (f"models.{model}.evaluation.metric_options.{name}" if name in own
+                   else f"evaluation.metric_options.{name}")
+            build(key, lambda n=name, e=ev: registry.create("metrics", n,
+                                                             e.metric_options.get(n, {})))
 
 
 __all__ = ["load_suite", "check_plugins", "LoadedSuite", "default_suite_path", "PtqbenchError"]

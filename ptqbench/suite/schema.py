@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from ..errors import PtqbenchError, SuiteError
 from ..quant.bits import parse_bits
-from ..sampling import SPACINGS
+from ..sampling import KINDS, SPACINGS
 
 
 @dataclass
@@ -22,10 +22,42 @@ class SuiteInfo:
 
 
 @dataclass
+class EvaluationOverride:
+    """[models.X.evaluation]: what differs from [evaluation] for this model's cells."""
+
+    num_samples: Optional[int] = None
+    batch_size: Optional[int] = None
+    metrics: Optional[list[str]] = None
+    #: merged per metric over [evaluation.metric_options] (e.g. this setting's reference)
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class MethodOverride:
+    """[models.X.methods.M]: option overrides of method M for this model's cells (e.g. the
+    calibration size its paper used for this setting)."""
+
+    selector_options: dict[str, Any] = field(default_factory=dict)
+    weighting_options: dict[str, Any] = field(default_factory=dict)
+    reconstructor_options: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    calibration_trajectories: Optional[int] = None
+    calibration_batch_size: Optional[int] = None
+
+
+@dataclass
 class ModelEntry:
     path: str
     plugin: str = "diffusers-unet"
     options: dict[str, Any] = field(default_factory=dict)
+    #: the samplers of grid.samplers this model runs with (empty: all of them), so that one
+    #: suite holds settings with different samplers (suites/paper.toml)
+    samplers: list[str] = field(default_factory=list)
+    evaluation: EvaluationOverride = field(default_factory=EvaluationOverride)
+    methods: dict[str, MethodOverride] = field(default_factory=dict)
+    #: where to get the model when ``path`` is not present locally (URL, conversion command);
+    #: a missing local path is then reported by --dry-run instead of rejected
+    download: str = ""
 
 
 @dataclass
@@ -36,8 +68,9 @@ class SamplerEntry:
     spacing: str = "uniform"
 
     def check(self, path, file):
-        if self.kind != "ddim":
-            raise SuiteError(file, f"{path}.kind", f"unknown sampler {self.kind!r}; known: ddim")
+        if self.kind not in KINDS:
+            raise SuiteError(file, f"{path}.kind",
+                             f"unknown sampler {self.kind!r}; known: {', '.join(KINDS)}")
         if self.spacing not in SPACINGS:
             raise SuiteError(file, f"{path}.spacing",
                              f"unknown spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
@@ -123,6 +156,9 @@ class Suite:
     grid: Grid = field(default_factory=Grid)
     evaluation: Evaluation = field(default_factory=Evaluation)
     run: RunSettings = field(default_factory=RunSettings)
+    #: where to get files the suite names (references, prompt files) when they are absent:
+    #: path as written in the suite -> URL or instructions (--dry-run reports them)
+    downloads: dict[str, str] = field(default_factory=dict)
 
     def check(self, path, file):
         for axis, table in (("models", self.models), ("samplers", self.samplers)):
@@ -131,3 +167,8 @@ class Suite:
                     known = ", ".join(sorted(table)) or "(none declared)"
                     raise SuiteError(file, f"grid.{axis}[{i}]",
                                      f"{name!r} is not declared under [{axis}]; declared: {known}")
+        for name, entry in self.models.items():
+            for i, sampler in enumerate(entry.samplers):
+                if sampler not in self.samplers:
+                    raise SuiteError(file, f"models.{name}.samplers[{i}]",
+                                     f"{sampler!r} is not declared under [samplers]")
