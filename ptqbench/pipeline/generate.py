@@ -2,44 +2,49 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..interfaces import ModelAdapter
-from ..quant.context import sampler_step
+from ..quant.fast import Execution, make_denoiser
 from ..sampling import DDIMSampler, SamplerSpec
 from ..store import Store
 
 
 def generate(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec, num_samples: int,
              seed: int, batch_size: int, device: torch.device, store: Store, gen_key: str,
-             reporter=None, label: str = "sampling") -> np.ndarray:
+             reporter=None, label: str = "sampling", execution: Optional[Execution] = None,
+             quantized: bool = False, numerics: Optional[dict] = None) -> np.ndarray:
     """Sample indices 0..num_samples-1 (sample i from seed (seed, i)); finished shards are kept,
     so a killed run resumes where it stopped. Returns all samples, uint8 (N, C, H, W).
 
     Holds the store's lock on ``gen_key`` while sampling: a parallel worker that needs the same
     samples (a quantized cell waiting for its FP pairs) waits for them instead of sampling twice.
+    
+    ``execution`` (default: the reference path) says how the denoiser runs; what ran (resolved
+    settings, execution manifest) is written into ``numerics`` when given.
     """
     with store.lock(gen_key):
         _generate_missing(adapter, model, spec, num_samples, seed, batch_size, device, store,
-                          gen_key, reporter, label)
+                          gen_key, reporter, label, execution, quantized, numerics)
     samples = store.load_samples(gen_key, num_samples)
     assert samples is not None, "all shards were just written"
     return samples
 
 
 def _generate_missing(adapter, model, spec, num_samples, seed, batch_size, device, store,
-                      gen_key, reporter, label) -> None:
+                      gen_key, reporter, label, execution, quantized, numerics) -> None:
     todo = missing_chunks(store.shard_starts(gen_key), num_samples, batch_size)
     if not todo:
         return
     sampler = DDIMSampler(spec, adapter.scheduler_config)
-
-    def denoise(x, t, k):
-        # per-timestep activation parameters (TFMQ-style) select their set by the step index
-        with sampler_step(k):
-            return adapter.denoise(model, x, t)
+    # per-timestep activation parameters (TFMQ-style) select their set by the step index k
+    denoise, info = make_denoiser(adapter, model, execution or Execution("reference"), device,
+                                  quantized)
+    if numerics is not None:
+        numerics.update(info)
 
     bar = (reporter.task(label, total=num_samples) if reporter
            else contextlib.nullcontext(lambda n=1, description=None: None))

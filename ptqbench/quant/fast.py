@@ -46,6 +46,8 @@ OPTION_DOCS = {
     "channels_last": "NHWC activations: true, false, 'auto' (with bf16 on CUDA)",
     "int8_convs": "int8 execution: run k x k convolutions as int8 implicit GEMMs (default "
                   "true); false keeps them in simulated quantization (listed as such)",
+    "int8_check_samples": "int8 execution: sample this many (default 256, 0 = off) also with "
+                          "the simulated fast path and report their paired MSE",
 }
 
 
@@ -63,6 +65,7 @@ class Execution:
     tf32: bool = False
     channels_last: Any = "auto"
     int8_convs: bool = True
+    int8_check_samples: int = 256
 
     @classmethod
     def from_options(cls, mode: str = "auto", options: Optional[dict] = None) -> "Execution":
@@ -83,6 +86,10 @@ class Execution:
             if k in options and not isinstance(options[k], bool):
                 raise PtqbenchError(f"execution option {k} must be true or false, "
                                     f"got {options[k]!r}")
+        n = options.get("int8_check_samples", 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise PtqbenchError(f"execution option int8_check_samples must be an integer >= 0, "
+                                f"got {n!r}")
         if "dtype" in options and options["dtype"] not in DTYPES:
             raise PtqbenchError(f"execution option dtype must be one of {', '.join(DTYPES)}, "
                                 f"got {options['dtype']!r}")
@@ -379,3 +386,50 @@ def make_denoiser(adapter, model: nn.Module, execution: Execution, device,
     fd = FastDenoiser(prepared, adapter.denoise)
     return (lambda x, t, k: fd(x, t, k)), {"execution": ex.record(),
                                             "manifest": prepared.manifest}
+
+
+# --------------------------------------------------------------------------------------------
+# record fields
+# --------------------------------------------------------------------------------------------
+def sampling_cost(timer, stage: str, num_samples: int, steps: int, numerics: dict) -> dict:
+    """Throughput and peak memory of a sampling stage (None throughput when every shard was
+    reused from an earlier run: nothing was timed)."""
+    seconds = timer.seconds.get(stage)
+    ran = "manifest" in numerics
+    out = {"seconds": None if seconds is None else round(seconds, 3),
+           "img_steps_per_s": (round(num_samples * steps / seconds, 1)
+                               if ran and seconds else None),
+           "peak_gpu_mb": getattr(timer, "peak_gpu_mb", {}).get(stage)}
+    host = getattr(timer, "peak_host_mb", {}).get(stage)
+    if host is not None:
+        out["peak_host_mb"] = host
+    return out
+
+
+@torch.no_grad()
+def int8_check(adapter, model: nn.Module, spec, seed: int, batch_size: int, device,
+               execution: Execution) -> dict:
+    """Paired difference between int8 samples and the simulated (fast fp32) samples of the same
+    seeds: the first ``int8_check_samples`` sample indices, both ways."""
+    from ..sampling import DDIMSampler
+
+    n = int(execution.int8_check_samples)
+    if n == 0:
+        return {"samples": 0}
+    simulated = dataclasses.replace(execution, mode="fast", dtype="fp32", tf32=False)
+    sampler = DDIMSampler(spec, adapter.scheduler_config)
+    outs = {}
+    for name, ex in (("int8", execution), ("simulated", simulated)):
+        denoise, _ = make_denoiser(adapter, model, ex, device, True)
+        parts = []
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            with torch.inference_mode():
+                parts.append(sampler.run(denoise, adapter.sample_shape, idx, seed,
+                                         torch.device(device)).float().cpu())
+        outs[name] = torch.cat(parts)
+    diff = outs["int8"] - outs["simulated"]
+    img = (adapter.decode(outs["int8"]).float() - adapter.decode(outs["simulated"]).float()) / 255
+    return {"samples": n, "paired_mse_vs_simulated": float((diff ** 2).mean()),
+            "paired_mse_uint8_vs_simulated": float((img ** 2).mean()),
+            "max_abs_diff": float(diff.abs().max())}

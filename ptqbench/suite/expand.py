@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..methods import ResolvedMethod, resolve
+from ..quant.fast import Execution
 from .loader import LoadedSuite
 
 FP_BITS = "FP"
@@ -62,6 +63,7 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
     s = loaded.suite
     ev = s.evaluation
     evaluation = {"metrics": list(ev.metrics), "metric_options": ev.metric_options}
+    execution = Execution.from_options(ev.execution, ev.execution_options)
     cells: list[Cell] = []
     seen: set[str] = set()
     for model in s.grid.models:
@@ -70,13 +72,15 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
                 base = {"model": _model_config(loaded, model),
                         "sampler": _sampler_config(loaded, sampler), "seed": seed}
                 fp_gen = {**base, "bits": FP_BITS, "method": resolve("fp").as_dict() | {"name": "fp"},
-                          "num_samples": ev.num_samples}
+                          "num_samples": ev.num_samples,
+                          **_numerics(execution, quantized=False)}
                 fp_gen_key = config_hash(_gen_identity(fp_gen))
                 for method in s.grid.methods:
                     resolved = resolve(method, s.methods.get(method))
                     for bits in ([FP_BITS] if resolved.is_fp else s.grid.bits):
                         quant = {**base, "bits": bits, "method": resolved.as_dict()}
-                        gen = {**quant, "num_samples": ev.num_samples}
+                        gen = {**quant, "num_samples": ev.num_samples,
+                               **_numerics(execution, quantized=not resolved.is_fp)}
                         config = {**gen, "evaluation": evaluation, "batch_size": ev.batch_size}
                         key = config_hash(config)
                         if key in seen:
@@ -91,6 +95,13 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
     # FP cells first: every quantized cell is paired with their samples
     cells.sort(key=lambda c: (not c.is_fp,))
     return cells
+
+
+def _numerics(execution: Execution, quantized: bool) -> dict:
+    """Sampling numerics that change samples beyond fp32 rounding (bf16, TF32, int8) are part of
+    the samples' identity; exact fast paths add nothing, so earlier keys stay valid."""
+    ident = execution.identity(quantized)
+    return {} if ident is None else {"numerics": ident}
 
 
 def _gen_identity(gen: dict) -> dict:
