@@ -115,7 +115,7 @@ class _Part(nn.Module):
         mpad = max(m, 17)
         if mpad != m or self.kpad != self.k:
             a = F.pad(a, (0, self.kpad - self.k, 0, mpad - m))
-        acc = torch._int_mm(a, self.w8.t())[:m, :self.out]
+        acc = torch._int_mm(a.contiguous(), self.w8.t())[:m, :self.out]
         total = (acc - za * self.wsum[None] - self.zw[None] * asum[:, None]
                  + self.k * self.zw[None] * za)
         return total.float() * (self.sw[None] * sa)
