@@ -343,6 +343,24 @@ def stage_sampling(label, fp, adapter, device, budget, paths, log) -> dict:
         if "img_steps_per_s" in r:
             r["vs_fp32_eager"] = r["img_steps_per_s"] / base if base else None
             r["vs_fp_bf16_fast"] = r["img_steps_per_s"] / bf16 if bf16 else None
+    # context for the paired MSEs: a quantized network is discontinuous, so fp32 rounding
+    # differences (flipped codes) compound along trajectories. noise floor = fast vs reference
+    # (both simulated fp32); quantization error = simulated vs FP.
+    if "W8A8" in models:
+        torch._dynamo.reset()
+        reset_peaks(device)
+        ref, _ = make_denoiser(adapter, models["W8A8"], Execution.from_options("reference"),
+                               device, True)
+        ref_samples = sample_paired(ref, adapter, device, n, steps, budget["batch"])
+        fp_eager, _ = make_denoiser(adapter, fp, Execution.from_options("reference"), device,
+                                    False)
+        fp_samples = sample_paired(fp_eager, adapter, device, n, steps, budget["batch"])
+        sim = simulated_samples("W8A8")
+        out["paired_mse_fast_vs_reference"] = float(((sim - ref_samples) ** 2).mean())
+        out["paired_mse_simulated_vs_fp"] = float(((sim - fp_samples) ** 2).mean())
+        log(f"  {label} paired MSE W8A8: fast vs reference {out['paired_mse_fast_vs_reference']:.2e}"
+            f", simulated vs FP {out['paired_mse_simulated_vs_fp']:.2e}")
+        del ref, fp_eager
     # exactness of the fast path (compiled and graphed where the device allows): one
     # denoising step, shared and per-step activation parameters
     if "W8A8" in models:
@@ -526,6 +544,11 @@ def markdown(results: dict, header: dict) -> str:
         if "check" in s:
             lines += [f"Paired MSE over {s['check']['samples']} samples x "
                       f"{s['check']['steps']} DDIM steps (x_0 in [-1, 1])."]
+        if "paired_mse_fast_vs_reference" in s:
+            lines += [f"For scale (W8A8): fast vs reference path "
+                      f"{s['paired_mse_fast_vs_reference']:.2e} (fp32 rounding flips quantization "
+                      f"codes, and flips compound along trajectories), simulated vs FP "
+                      f"{s['paired_mse_simulated_vs_fp']:.2e} (the quantization error)."]
         lines.append("")
     c = results.get("calibration")
     if c:

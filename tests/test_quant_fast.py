@@ -224,3 +224,55 @@ def test_int8_execution_lists_simulated_layers(tiny):
     no_convs = prepare_for_sampling(q, Execution.from_options(
         "int8", {"int8_convs": False}).resolved("cpu")).manifest
     assert any("int8_convs = false" in e["reason"] for e in no_convs["simulated_layers"])
+
+
+def test_int8_check_reports_paired_error_against_the_simulated_model(tiny):
+    from ptqbench.quant.fast import int8_check
+    from ptqbench.sampling import DDIMSampler, SamplerSpec
+
+    adapter, model = tiny
+    q = _quantized(model, adapter, bits="W8A8", per_step=False)
+    spec = SamplerSpec(steps=10)
+    res = int8_check(adapter, q, spec, 0, 4, "cpu",
+                     Execution.from_options("int8", {"int8_check_samples": 4}))
+    assert res["samples"] == 4 and res["paired_mse_vs_simulated"] > 0
+    # Layers agree to fp32 rounding (tests above), but a quantized network is discontinuous:
+    # rare rounding flips compound along the trajectory. Still well under the quantization
+    # error itself (simulated vs FP samples of the same seeds).
+    sampler = DDIMSampler(spec, adapter.scheduler_config)
+    sim, _ = make_denoiser(adapter, q, Execution.from_options("fast"), "cpu", True)
+    with torch.inference_mode():
+        a = sampler.run(sim, adapter.sample_shape, range(4), 0, torch.device("cpu"))
+        b = sampler.run(lambda x, t, k: adapter.denoise(model, x, t), adapter.sample_shape,
+                        range(4), 0, torch.device("cpu"))
+    assert res["paired_mse_vs_simulated"] < 0.5 * ((a - b) ** 2).mean().item()
+    assert int8_check(adapter, q, spec, 0, 2, "cpu",
+                      Execution.from_options("int8", {"int8_check_samples": 0})) == {"samples": 0}
+
+
+def test_int8_layer_traces_under_compile_without_recompiles_per_step():
+    torch.manual_seed(0)
+    layer = QuantLayer(nn.Conv2d(8, 16, 3, padding=1), 4, 8, act_steps=STEPS)
+    layer.weight_quantizers[0].init_range("minmax")
+    for k in range(STEPS):
+        layer.act_quantizers[0].set_range(torch.tensor([0.01 * (k + 1)]), torch.tensor([128.0]),
+                                          step=k)
+    step = torch.zeros(1, dtype=torch.long)
+    int8 = Int8Layer(layer, step)
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(int8, backend=backend, dynamic=False)
+    x = torch.randn(2, 8, 6, 6)
+    for k in range(STEPS):
+        step.fill_(k)
+        with torch.no_grad(), sampler_step(k):
+            assert torch.equal(compiled(x), int8(x))
+            exact = _exact(layer, x)
+        assert (int8(x).double() - exact).abs().max().item() <= 1e-5 * exact.abs().max().item()
+    assert len(frames) == 1
+    torch._dynamo.reset()

@@ -167,6 +167,9 @@ class CellRunner:
                                label=f"sampling {cell.method} {cell.bits}",
                                execution=execution, quantized=not cell.is_fp, numerics=numerics)
         record["sampling"] = sampling_cost(timer, "sample", ev.num_samples, spec.steps, numerics)
+        if isinstance(record.get("coverage"), dict) and "int8_layers" in numerics.get("manifest", {}):
+            # what ran on int8 kernels and what stayed in (simulated) floating point
+            record["coverage"]["execution"] = numerics["manifest"]
         if not cell.is_fp and numerics["execution"]["mode"] == "int8":
             with timer.stage("int8_check"):
                 numerics["int8_check"] = int8_check(adapter, model, spec, cell.seed,
