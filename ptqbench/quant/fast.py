@@ -312,6 +312,10 @@ class FastDenoiser:
         def fn(x, t, c):
             return call(model, x, t, c)
 
+        if self.ex.compile:
+            # one compiled denoiser per cell: earlier cells' compiled code (guarded on their
+            # models) is dead weight and would count against dynamo's recompile limit
+            torch._dynamo.reset()
         self.fn = torch.compile(fn, dynamic=False) if self.ex.compile else fn
         self.graphs: dict = {}
         self.pool = None
