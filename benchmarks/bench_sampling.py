@@ -14,6 +14,7 @@ Stages (``--stages``, default all):
                  q-reference     W8A8 (RTN) through the calibration modules, eager
                  q-fast          W8A8 folded + compiled + CUDA graphs, fp32
                  q-fast-bf16     W8A8 folded, bf16 (its own numerics)
+                 fp-tf32-fast, q-fast-tf32   the same with TF32 convolutions/matmuls
                  int8            W8A8 on int8 GEMMs (convs as implicit GEMM)
                  int8-linear     W8A8 int8 for linear/1x1 layers only, k x k convs simulated
                  int8-w4a8       W4A8 as 4-bit values on the int8 kernels
@@ -77,11 +78,12 @@ BUDGETS = {
                   calib_traj=4, calib_steps=4, recon_iters=(4, 2), memory_layouts=("tiny",),
                   memory_inputs=16, memory_iters=(2, 1), per_step_check=True),
     "quick": dict(unet="cifar10", batch=1000, timed=20, check_samples=250, check_steps=20,
-                  dit="dit-s", calib_traj=64, calib_steps=20, recon_iters=(100, 25),
-                  memory_layouts=("cifar10", "ldm4"), memory_inputs=256, memory_iters=(2, 1),
+                  dit="dit-s", calib_traj=16, calib_steps=20, recon_iters=(60, 20),
+                  memory_layouts=("ldm4",), memory_inputs=128, memory_iters=(2, 1),
                   # compiling dominates a short run: the paths the targets compare, once each
-                  paths=("fp32-eager", "fp-bf16-fast", "q-reference", "q-fast", "int8"),
-                  dit_paths=("fp32-eager", "fp-bf16-fast", "q-fast", "int8"),
+                  paths=("fp32-eager", "fp-bf16-fast", "q-reference", "q-fast", "q-fast-bf16",
+                         "int8"),
+                  dit_paths=("fp32-eager", "fp-bf16-fast", "q-fast-bf16", "int8"),
                   per_step_check=False),
     # the budgets: 5120 calibration inputs (256 trajectories x 20 steps), 20k + 5k
     # iterations per block; more than one 10-minute call: run --stages one at a time
@@ -90,8 +92,8 @@ BUDGETS = {
                  memory_layouts=("cifar10", "ldm4"), memory_inputs=5120, memory_iters=(20, 5),
                  per_step_check=True),
 }
-ALL_PATHS = ("fp32-eager", "fp-bf16-fast", "fp-fp32-fast", "q-reference", "q-fast", "q-fast-bf16",
-             "int8", "int8-linear", "int8-w4a8")
+ALL_PATHS = ("fp32-eager", "fp-bf16-fast", "fp-fp32-fast", "fp-tf32-fast", "q-reference",
+             "q-fast", "q-fast-tf32", "q-fast-bf16", "int8", "int8-linear", "int8-w4a8")
 FULL_W, FULL_A = 20000, 5000
 
 
@@ -235,6 +237,8 @@ PATH_SPECS = {
     "q-reference": (True, "W8A8", "reference", {}),
     "q-fast": (True, "W8A8", "fast", {}),
     "q-fast-bf16": (True, "W8A8", "fast", {"dtype": "bf16"}),
+    "fp-tf32-fast": (False, None, "fast", {"tf32": True}),
+    "q-fast-tf32": (True, "W8A8", "fast", {"tf32": True}),
     "int8": (True, "W8A8", "int8", {}),
     "int8-linear": (True, "W8A8", "int8", {"int8_convs": False}),
     "int8-w4a8": (True, "W4A8", "int8", {}),
