@@ -164,3 +164,13 @@ def test_bad_arguments(tiny, tmp_path):
         record(tiny, tmp_path, n=0)
     with pytest.raises(PtqbenchError):
         record(tiny, tmp_path, batch=0)
+
+
+def test_over_the_host_budget_steps_go_straight_to_the_file(tiny, tmp_path):
+    adapter, model = tiny
+    buffered, direct = tmp_path / "buffered", tmp_path / "direct"
+    for out, budget in ((buffered, None), (direct, 1)):
+        out.mkdir()
+        T.record_trajectories(adapter, model, SPEC, 4, 3, out, "cpu", 2, host_budget=budget)
+    a, b = np.load(buffered / "x.npy"), np.load(direct / "x.npy")
+    assert a.shape == b.shape and np.array_equal(a, b)

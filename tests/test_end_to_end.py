@@ -48,6 +48,11 @@ def test_tiny_suite_end_to_end(tmp_path, tiny_model_dir):
     rtn = recs[("rtn", "W4A8")]
     assert rtn["coverage"] and rtn["git"]["commit"] is not None and rtn["versions"]["torch"]
     assert {"sample", "metrics", "quantize"} <= set(rtn["costs"]["seconds"])
+    # sampling ran the (exact) fast path by default, and says so with its numerics
+    assert rtn["numerics"]["execution"]["mode"] == "fast"
+    assert rtn["numerics"]["execution"]["dtype"] == "fp32" and not rtn["numerics"]["execution"]["tf32"]
+    assert rtn["numerics"]["manifest"]["folded_layers"] == rtn["coverage"]["counts"]["quantized_layers"]
+    assert rtn["sampling"]["img_steps_per_s"] > 0 and rtn["costs"]["peak_host_mb"]["sample"] > 0
     assert "rtn" in result.output and "W4A8" in result.output  # the leaderboard was printed
 
     # a rerun finds every cell finished and does no work

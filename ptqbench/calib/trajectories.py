@@ -210,12 +210,17 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
                         num_samples: int, seed: int, out_dir: Path, device, batch_size: int,
                         index_offset: int = CALIB_INDEX_OFFSET, with_features: bool = False,
                         feature_samples: int = DEFAULT_FEATURE_SAMPLES,
-                        progress=None, feature_module: Optional[str] = None) -> dict:
+                        progress=None, feature_module: Optional[str] = None,
+                        host_budget: Optional[int] = None) -> dict:
     """Run the FP sampler and write the arrays into ``out_dir`` (no manifest). Returns info.
 
     Every step's denoiser input is captured in ``on_step`` *together with the timestep vector
     passed alongside it*, so x[k] and t[k] are paired by construction rather than by re-deriving
     the schedule (the off-by-one some codebases have).
+
+    A batch's steps are buffered in (pinned) host memory and written once; when that buffer
+    would exceed ``host_budget`` bytes (default: a quarter of the host's available memory) each
+    step is written straight into the memory-mapped file instead.
     """
     device = torch.device(device)
     sampler = adapter.make_sampler(spec)
@@ -235,6 +240,10 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
         site = (fp_model.get_submodule(feature_module) if feature_module
                 else adapter.feature_site(fp_model))
     state: dict = {"k": 0, "feat_buf": None, "n_feat": 0}
+    if host_budget is None:
+        from ..memory import host_available_bytes
+        host_budget = host_available_bytes() // 4 or (1 << 62)
+    per_sample = S * int(np.prod(shape)) * 4
 
     def hook(_module, _inputs, output):
         if state["n_feat"] > 0:
@@ -252,7 +261,9 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
             indices = list(range(index_offset + start, index_offset + stop))
             # On CUDA the steps stream into pinned host memory (async copies, no per-step sync),
             # so a batch's trajectories never have to fit on the device.
-            xbuf = torch.empty((S, stop - start, *shape), pin_memory=device.type == "cuda")
+            direct = per_sample * (stop - start) > host_budget
+            xbuf = None if direct else torch.empty((S, stop - start, *shape),
+                                                   pin_memory=device.type == "cuda")
             tbuf = torch.empty((S, stop - start), dtype=torch.long, device=device)
             state["n_feat"] = max(0, min(stop, n_feat) - start)
             state["feat_buf"] = None
@@ -267,9 +278,14 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
                         dtype=np.dtype(str(cond.dtype).replace("torch.", "")),
                         shape=(num_samples, *cond.shape[1:]))
 
-            def on_step(k, x_t, t_vec):
+            def on_step(k, x_t, t_vec, _e0=e0, _e1=e1, _direct=direct):
                 state["k"] = k
-                xbuf[k].copy_(x_t, non_blocking=True)
+                if _direct:  # over the host budget: one synchronous write per step
+                    xs = x_t.detach().float().cpu().numpy()
+                    xs = xs if P == 1 else np.repeat(xs, P, axis=0)  # one entry per pass
+                    x_mm[k, _e0:_e1] = xs[:_e1 - _e0]
+                else:
+                    xbuf[k].copy_(x_t, non_blocking=True)
                 tbuf[k].copy_(t_vec)
 
             with torch.no_grad():
@@ -286,8 +302,9 @@ def record_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, spec: 
                 t_rec = tb[:, 0].clone()
             elif not torch.equal(t_rec, tb[:, 0]):
                 raise PtqbenchError("sampler timesteps differ between batches")
-            xs = xbuf.numpy() if P == 1 else np.repeat(xbuf.numpy(), P, axis=1)
-            x_mm[:, e0:e1] = xs[:, :e1 - e0]
+            if not direct:
+                xs = xbuf.numpy() if P == 1 else np.repeat(xbuf.numpy(), P, axis=1)
+                x_mm[:, e0:e1] = xs[:, :e1 - e0]
             if cond_mm is not None:
                 cond_mm[e0:e1] = entries_cond[:e1 - e0].cpu().numpy()
             if state["feat_buf"] is not None:

@@ -12,8 +12,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import environment, numerics
+from .. import environment, memory
+from .. import numerics as numerics_flags
 from ..interfaces import MetricContext, RunContext
+from ..quant.fast import Execution, int8_check, sampling_cost
 from ..sampling import SamplerSpec
 from ..store import Store, atomic_write_json
 from ..suite.expand import Cell
@@ -28,6 +30,7 @@ class StageTimer:
         self.device = device
         self.seconds: dict[str, float] = {}
         self.peak_gpu_mb: dict[str, float] = {}
+        self.peak_host_mb: dict[str, float] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -35,6 +38,7 @@ class StageTimer:
         if cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        memory.reset_host_peak()
         t0 = time.perf_counter()
         try:
             yield
@@ -42,12 +46,16 @@ class StageTimer:
             if cuda:
                 torch.cuda.synchronize(self.device)
                 self.peak_gpu_mb[name] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_host_mb[name] = max(self.peak_host_mb.get(name, 0.0), memory.host_peak_mb())
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def as_dict(self) -> dict:
         out = {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
                "total_seconds": round(sum(self.seconds.values()), 3),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               # stage windows reset the OS peak: the lifetime peak is the largest of them
+               "peak_rss_mb": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                   *self.peak_host_mb.values()]),
+               "peak_host_mb": {k: round(v, 1) for k, v in self.peak_host_mb.items()}}
         if self.peak_gpu_mb:
             out["peak_gpu_mb"] = {k: round(v, 1) for k, v in self.peak_gpu_mb.items()}
         return out
@@ -148,7 +156,8 @@ class CellRunner:
         timer = StageTimer(device)
         record = self._header(cell, device)
         try:
-            record["numerics"] = numerics.configure(self.loaded.suite.run.deterministic, cell.seed)
+            record["numerics"] = numerics_flags.configure(self.loaded.suite.run.deterministic,
+                                                          cell.seed)
             self._run(cell, device, timer, record)
             record["status"] = "failed" if record["metric_errors"] else "ok"
             if record["metric_errors"]:
@@ -174,12 +183,24 @@ class CellRunner:
         if not cell.is_fp:
             with self.store.lock(f"quant-{cell.quant_key}"):  # one builder per quantized model
                 model = self._quantize(cell, adapter, fp_model, spec, device, timer, record)
+        execution = Execution.from_options(ev.execution, ev.execution_options)
+        numerics = record.setdefault("numerics", {})  # flags set by run(), plus what sampling ran
+        numerics["execution"] = execution.resolved(device, not cell.is_fp).record()
         with timer.stage("sample"):
             samples = generate(adapter, model, spec, ev.num_samples, cell.seed, ev.batch_size,
                                device, self.store, cell.gen_key, self.reporter,
-                               label=f"sampling {cell.method} {cell.bits}")
+                               label=f"sampling {cell.method} {cell.bits}",
+                               execution=execution, quantized=not cell.is_fp, numerics=numerics)
         if self.store.shard_reports(cell.gen_key):  # sampled by shard tasks (sample_shards)
             record["sample_shards"] = self.store.shard_reports(cell.gen_key)
+        record["sampling"] = sampling_cost(timer, "sample", ev.num_samples, spec.steps, numerics)
+        if isinstance(record.get("coverage"), dict) and "int8_layers" in numerics.get("manifest", {}):
+            # what ran on int8 kernels and what stayed in (simulated) floating point
+            record["coverage"]["execution"] = numerics["manifest"]
+        if not cell.is_fp and numerics["execution"]["mode"] == "int8":
+            with timer.stage("int8_check"):
+                numerics["int8_check"] = int8_check(adapter, model, spec, cell.seed,
+                                                    ev.batch_size, device, execution)
         fp_samples = samples if cell.is_fp else self._fp_samples(cell, adapter, fp_model, spec,
                                                                  device, timer)
         del model
@@ -196,7 +217,9 @@ class CellRunner:
             with timer.stage("sample_fp"):
                 fp = generate(adapter, fp_model, spec, ev.num_samples, cell.seed, ev.batch_size,
                               device, self.store, cell.fp_gen_key, self.reporter,
-                              label="sampling fp (reference)")
+                              label="sampling fp (reference)",
+                              execution=Execution.from_options(ev.execution,
+                                                               ev.execution_options))
         return fp
 
     def _quantize(self, cell, adapter, fp_model, spec, device, timer, record):
@@ -262,6 +285,7 @@ class CellRunner:
         for k, v in calib_timer.seconds.items():
             timer.seconds[k] = v
         timer.peak_gpu_mb.update(calib_timer.peak_gpu_mb)
+        timer.peak_host_mb.update(calib_timer.peak_host_mb)
         return qmodel
 
     def _metrics(self, cell, samples: np.ndarray, fp_samples: np.ndarray, device, record) -> None:

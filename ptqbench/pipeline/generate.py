@@ -2,26 +2,31 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..interfaces import ModelAdapter
+from ..quant.fast import Execution, make_denoiser
 from ..sampling import SamplerSpec
 from ..store import Store
 
 
 def generate(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec, num_samples: int,
              seed: int, batch_size: int, device: torch.device, store: Store, gen_key: str,
-             reporter=None, label: str = "sampling") -> np.ndarray:
+             reporter=None, label: str = "sampling", execution: Optional[Execution] = None,
+             quantized: bool = False, numerics: Optional[dict] = None) -> np.ndarray:
     """Sample indices 0..num_samples-1 (sample i from seed (seed, i)); finished shards are kept,
     so a killed run resumes where it stopped. Returns all samples, uint8 (N, C, H, W).
 
     Workers that need the same samples (a sharded cell, a quantized cell waiting for its FP
-    pairs) share the work chunk by chunk: see :func:`generate_range`.
+    pairs) share the work chunk by chunk: see :func:`generate_range`. ``execution`` (default:
+    the reference path) says how the denoiser runs; what ran (resolved settings, execution
+    manifest) is written into ``numerics`` when given.
     """
     generate_range(adapter, model, spec, range(num_samples), seed, batch_size, device, store,
-                   gen_key, reporter, label)
+                   gen_key, reporter, label, execution, quantized, numerics)
     samples = store.load_samples(gen_key, num_samples)
     assert samples is not None, "all shards were just written"
     return samples
@@ -29,7 +34,9 @@ def generate(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec, n
 
 def generate_range(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerSpec,
                    indices: range, seed: int, batch_size: int, device: torch.device, store: Store,
-                   gen_key: str, reporter=None, label: str = "sampling") -> None:
+                   gen_key: str, reporter=None, label: str = "sampling",
+                   execution: Optional[Execution] = None, quantized: bool = False,
+                   numerics: Optional[dict] = None) -> None:
     """Write every missing shard of the sample indices ``indices`` (a shard of a cell's samples).
 
     Each chunk of at most ``batch_size`` samples has its own lock: a chunk another worker is
@@ -44,12 +51,27 @@ def generate_range(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerS
         return
     # the adapter owns the loop: conditioning, guidance and the sampler kind are its business
     sampler = adapter.make_sampler(spec)
+    # The fast path (folded weights, compiled denoiser) replaces the denoiser call of
+    # unconditional adapters; conditional ones (guidance passes) sample on the reference path.
+    conditional = adapter.conditioning(torch.arange(1), seed) is not None
+    ex = execution or Execution("reference")
+    if conditional and ex.mode != "reference":
+        ex = Execution("reference")
+    denoise, info = (make_denoiser(adapter, model, ex, device, quantized)
+                     if not conditional else (None, {"execution": ex.record(),
+                                                     "manifest": {"mode": "reference",
+                                                                  "reason": "conditional adapter"}}))
+    if numerics is not None:
+        numerics.update(info)
 
     def sample_chunk(idx: range) -> None:
         if store.has_shard(gen_key, idx):
             return  # another worker finished it since we listed the missing chunks
         with torch.inference_mode():
-            x0 = adapter.sample(model, spec, idx, seed, device, sampler=sampler)
+            if denoise is None:
+                x0 = adapter.sample(model, spec, idx, seed, device, sampler=sampler)
+            else:
+                x0 = sampler.run(denoise, tuple(adapter.sample_shape), list(idx), seed, device)
             images = adapter.decode(x0).cpu().numpy()
         store.write_shard(gen_key, idx.start, images)
 

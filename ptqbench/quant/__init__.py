@@ -28,7 +28,9 @@ lsq (ActQuantizer), adaround (rectified sigmoid, regulariser, beta schedule), mo
 (QuantLayer), attention (QuantAttnProcessor), recipe, manifest, model (quantize_model,
 calibration), observer (activation statistics), checkpoint (save/load), block_cache (inputs and
 targets of each block without re-running the network prefix), recon_options, reconstruction
-(the loop: eager or one CUDA graph per phase), testing (tiny random UNets for tests/benchmarks).
+(the loop: eager or one CUDA graph per phase), testing (tiny random UNets for tests/benchmarks),
+fast (the sampling path: folded inference copy, compile, CUDA graphs, numerics settings), int8
+(real int8 execution of quantized layers).
 """
 from .bits import BitWidths, parse_bits
 from .checkpoint import load_quantized, save_quantized

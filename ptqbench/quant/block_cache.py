@@ -16,7 +16,8 @@ reads the time embedding. So the cache works on the real data flow:
 3. After unit b is done, its output on each stream is computed by forwarding its own cached
    inputs and kept only while a later unit depends on it.
 
-Tensors stay on the accelerator when they fit (``on_device='auto'``), else in pinned host memory.
+Tensors stay on the accelerator when they fit (``on_device='auto'``), else in pinned host memory,
+and beyond a host budget in memory-mapped files (:class:`TensorStore`).
 """
 from __future__ import annotations
 
@@ -90,16 +91,35 @@ def canonical_device(device) -> torch.device:
 # storage
 # --------------------------------------------------------------------------------------------
 class TensorStore:
-    """(N, ...) tensors gathered by sample index onto ``device``; kept on the device when
-    allowed, else on the host (pinned when the device is CUDA, for async copies)."""
+    """(N, ...) tensors gathered by sample index onto ``device``, in three tiers.
 
-    def __init__(self, device: torch.device, on_device: Any = "auto", reserve: float = 0.5):
+    1. the device, while the cache stays under ``reserve`` x the free device memory at the time
+       of each put (``on_device``: 'auto'; True forces the device, False skips it; a float in
+       (0, 1] is the fraction itself);
+    2. pinned host memory (async copies), while host caches stay under ``host_budget`` bytes
+       (default: half the host's available memory when the store is made);
+    3. memory-mapped files under ``spill_dir`` (default: the system temp folder), deleted when
+       released: a cache larger than host memory costs disk reads, not an out-of-memory kill.
+    Batches are gathered on the host from the map (sorted reads, then the caller's order) and
+    copied to the device through pinned memory.
+    """
+
+    def __init__(self, device: torch.device, on_device: Any = "auto", reserve: float = 0.5,
+                 host_budget: Optional[int] = None, spill_dir: Optional[str] = None):
         self.device = canonical_device(device)
         self.on_device = on_device
-        self.reserve = reserve
+        self.reserve = float(on_device) if isinstance(on_device, float) else reserve
+        if host_budget is None:
+            from ..memory import host_available_bytes
+            host_budget = host_available_bytes() // 2 or (1 << 62)
+        self.host_budget = int(host_budget)
+        self.spill_dir = spill_dir
         self.bytes_device = 0
         self.bytes_host = 0
+        self.bytes_mapped = 0
         self.peak_bytes = 0
+        self.peak = {"device": 0, "host": 0, "mapped": 0}
+        self._files: dict[int, str] = {}  # data_ptr of a mapped tensor -> its file
 
     def _fits(self, nbytes: int) -> bool:
         if self.device.type != "cuda":
@@ -111,20 +131,60 @@ class TensorStore:
         free, _ = torch.cuda.mem_get_info(self.device)
         return nbytes < free * self.reserve
 
+    def _map(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+        import os
+        import tempfile
+
+        import numpy as np
+
+        n = sum(c.shape[0] for c in chunks)
+        shape = (n,) + tuple(chunks[0].shape[1:])
+        dtype = chunks[0].dtype
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        fd, path = tempfile.mkstemp(prefix="ptqbench-cache-", suffix=".bin", dir=self.spill_dir)
+        os.close(fd)
+        mm = np.memmap(path, dtype=np_dtype, mode="w+", shape=shape)
+        t = torch.from_numpy(mm)
+        row = 0
+        for c in chunks:  # chunk by chunk: the whole tensor is never in memory at once
+            t[row:row + c.shape[0]].copy_(c)
+            row += c.shape[0]
+        mm.flush()
+        self._files[t.data_ptr()] = path
+        return t
+
     def put(self, chunks: list[torch.Tensor]) -> torch.Tensor:
         nbytes = sum(c.numel() * c.element_size() for c in chunks)
-        if self.device.type == "cpu" or self._fits(nbytes):
+        cpu = self.device.type == "cpu"
+        if (self._fits(nbytes) if not cpu
+                else self.bytes_device + nbytes <= self.host_budget):
             t = torch.cat([c.to(self.device) for c in chunks])
             self.bytes_device += nbytes
-        else:
-            t = torch.cat([c.cpu() for c in chunks]).pin_memory()
+        elif not cpu and self.bytes_host + nbytes <= self.host_budget:
+            t = torch.cat([c.cpu() for c in chunks])
+            t = t.pin_memory() if self.device.type == "cuda" else t
             self.bytes_host += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.bytes_device + self.bytes_host)
+        else:
+            t = self._map(chunks)
+            self.bytes_mapped += nbytes
+        self.peak_bytes = max(self.peak_bytes,
+                              self.bytes_device + self.bytes_host + self.bytes_mapped)
+        for tier in self.peak:
+            self.peak[tier] = max(self.peak[tier], getattr(self, f"bytes_{tier}"))
         return t
 
     def release(self, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
-        if t.device == self.device:
+        path = self._files.pop(t.data_ptr(), None)
+        if path is not None:
+            import os
+
+            self.bytes_mapped -= nbytes
+            try:
+                os.unlink(path)  # the map stays readable until the tensor is gone
+            except OSError:
+                pass
+        elif t.device == self.device:
             self.bytes_device -= nbytes
         else:
             self.bytes_host -= nbytes
@@ -132,7 +192,20 @@ class TensorStore:
     def gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if t.device == self.device:
             return t.index_select(0, idx.to(t.device, non_blocking=True))
-        return t.index_select(0, idx.cpu()).to(self.device, non_blocking=True)
+        idx = idx.cpu()
+        if t.data_ptr() in self._files:
+            # read the pages in file order, then put the rows in the caller's order
+            order, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            rows = t.index_select(0, order).index_select(0, inverse)
+            if self.device.type == "cuda":
+                rows = rows.pin_memory()
+            return rows.to(self.device, non_blocking=True)
+        return t.index_select(0, idx).to(self.device, non_blocking=True)
+
+    def stats(self) -> dict:
+        return {"bytes": {"device": self.bytes_device, "host": self.bytes_host,
+                          "mapped": self.bytes_mapped},
+                "peak_bytes": dict(self.peak), "host_budget": self.host_budget}
 
 
 # --------------------------------------------------------------------------------------------

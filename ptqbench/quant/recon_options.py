@@ -80,7 +80,10 @@ SOURCES = {
     "compile_mode": "torch.compile mode (default 'default'; 'max-autotune-no-cudagraphs', ...)",
     "tf32": "TF32 matmuls/convolutions inside the optimisation loop on CUDA (targets and caches "
             "stay full fp32; default true)",
-    "cache_on_device": "keep block caches on the accelerator: 'auto' (when they fit), true, false",
+    "cache_on_device": "keep block caches on the accelerator: 'auto' (while under half the free "
+                       "device memory), a fraction in (0, 1] of the free memory, true, false; "
+                       "beyond it pinned host memory, beyond half the host's memory "
+                       "memory-mapped files",
     "forward_batch_size": "batch size of cache building and block forwards (default 64)",
     "checkpoint": "save state after every block and resume from it (default true)",
     "eval_samples": "held-out samples (at most) used to report block-output MSE before/after; "
@@ -167,6 +170,8 @@ def _check(plugin: str, k: str, v: Any) -> None:
                "loss_reduction": ("channel_sum", "mean"),
                "compile": ("auto", True, False), "cache_on_device": ("auto", True, False),
                "cuda_graph": ("auto", True, False)}
+    if k == "cache_on_device" and isinstance(v, float) and 0 < v <= 1:
+        return  # a budget: this fraction of the free device memory
     if k in choices:
         if v not in choices[k] or (isinstance(v, (int, float)) and not isinstance(v, bool)
                                    and k in ("compile", "cache_on_device", "cuda_graph")):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..methods import ResolvedMethod, resolve
+from ..quant.fast import Execution
 from .loader import LoadedSuite
 from .schema import Evaluation, MethodEntry
 
@@ -71,7 +72,9 @@ def model_evaluation(suite, model: str) -> Evaluation:
     metrics = list(over.metrics if over.metrics is not None else ev.metrics)
     return Evaluation(num_samples=over.num_samples or ev.num_samples,
                       batch_size=over.batch_size or ev.batch_size, metrics=metrics,
-                      metric_options={k: v for k, v in options.items() if k in metrics})
+                      metric_options={k: v for k, v in options.items() if k in metrics},
+                      execution=ev.execution,
+                      execution_options=copy.deepcopy(ev.execution_options))
 
 
 def model_method(suite, model: str, method: str) -> Optional[MethodEntry]:
@@ -96,19 +99,22 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
     for model in s.grid.models:
         ev = model_evaluation(s, model)
         evaluation = {"metrics": list(ev.metrics), "metric_options": ev.metric_options}
+        execution = Execution.from_options(ev.execution, ev.execution_options)
         only = s.models[model].samplers
         for sampler in [x for x in s.grid.samplers if not only or x in only]:
             for seed in s.grid.seeds:
                 base = {"model": _model_config(loaded, model),
                         "sampler": _sampler_config(loaded, sampler), "seed": seed}
                 fp_gen = {**base, "bits": FP_BITS, "method": resolve("fp").as_dict() | {"name": "fp"},
-                          "num_samples": ev.num_samples}
+                          "num_samples": ev.num_samples,
+                          **_numerics(execution, quantized=False)}
                 fp_gen_key = config_hash(_gen_identity(fp_gen))
                 for method in s.grid.methods:
                     resolved = resolve(method, model_method(s, model, method))
                     for bits in ([FP_BITS] if resolved.is_fp else s.grid.bits):
                         quant = {**base, "bits": bits, "method": resolved.as_dict()}
-                        gen = {**quant, "num_samples": ev.num_samples}
+                        gen = {**quant, "num_samples": ev.num_samples,
+                               **_numerics(execution, quantized=not resolved.is_fp)}
                         config = {**gen, "evaluation": evaluation, "batch_size": ev.batch_size}
                         key = config_hash(config)
                         if key in seen:
@@ -123,6 +129,13 @@ def expand(loaded: LoadedSuite) -> list[Cell]:
     # FP cells first: every quantized cell is paired with their samples
     cells.sort(key=lambda c: (not c.is_fp,))
     return cells
+
+
+def _numerics(execution: Execution, quantized: bool) -> dict:
+    """Sampling numerics that change samples beyond fp32 rounding (bf16, TF32, int8) are part of
+    the samples' identity; exact fast paths add nothing, so earlier keys stay valid."""
+    ident = execution.identity(quantized)
+    return {} if ident is None else {"numerics": ident}
 
 
 def _gen_identity(gen: dict) -> dict:

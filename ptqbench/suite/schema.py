@@ -124,8 +124,19 @@ class Evaluation:
     metrics: list[str] = field(default_factory=lambda: ["paired"])
     #: per-metric plugin options, e.g. [evaluation.metric_options.fid] reference = "..."
     metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: how sampling runs the denoiser: "auto" (fast path: folded weights, compiled + CUDA graphs
+    #: on CUDA), "reference" (the calibration modules, eager), "fast", "int8" (real int8 kernels
+    #: for quantized layers); numerics in execution_options (ptqbench.quant.fast.OPTION_DOCS)
+    execution: str = "auto"
+    execution_options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, path, file):
+        from ..quant.fast import Execution
+
+        try:
+            Execution.from_options(self.execution, self.execution_options)
+        except PtqbenchError as exc:
+            raise SuiteError(file, f"{path}.execution", str(exc)) from None
         if self.num_samples < 1:
             raise SuiteError(file, f"{path}.num_samples", "must be >= 1")
         if self.batch_size < 1:
