@@ -257,8 +257,14 @@ def display_table(board: pd.DataFrame, compact: bool = False,
                     + ([str(int(r["seeds"]))] if show_seeds else []) + [
             str(int(r["num_samples"])) if pd.notna(r["num_samples"]) else "",
             f"{r['seconds']:.1f}" if pd.notna(r["seconds"]) else "",
-            "≈" if r.get("same_as_best") else ""])
+            "★" if flag(r, "best") else "≈" if flag(r, "same_as_best") else ""])
     return header, rows
+
+
+def flag(row, name: str) -> bool:
+    """A boolean column of a leaderboard row; absent or missing reads as False."""
+    v = row.get(name)
+    return False if v is None or (not isinstance(v, str) and pd.isna(v)) else bool(v)
 
 
 def constant_keys(board: pd.DataFrame) -> list[str]:
@@ -271,8 +277,8 @@ def to_markdown(board: pd.DataFrame, metrics: Optional[list[str]] = None) -> str
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     note = ("\n± is the half-width of the 95% confidence interval (one seed: over samples; "
             "several seeds: t-interval of the mean across seeds, which covers calibration "
-            "randomness too); ≈ marks rows not significantly "
-            "different from the best row of the same model, sampler and bit-width "
+            "randomness too); ★ marks the best row of its model, sampler and bit-width, "
+            "≈ the rows not significantly different from it "
             "(|a - b| <= sqrt(h_a^2 + h_b^2); for paired metrics a paired bootstrap over the "
             "samples, which share seeds).\n")
     return "\n".join(lines) + "\n" + note

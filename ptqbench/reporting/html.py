@@ -14,7 +14,7 @@ from typing import Optional
 
 import pandas as pd
 
-from ..report import KEYS, bits_order, shown_metrics
+from ..report import KEYS, bits_order, flag, shown_metrics
 from . import plots
 from .numbers import column_exponent, exponent_label, format_cell
 from .terminal import BEST, SAME
@@ -79,9 +79,9 @@ def leaderboard_table(rows: pd.DataFrame, metrics: list[str]) -> str:
     for _, group in rows.groupby("bits", sort=False):
         trs = []
         for _, r in group.iterrows():
-            cls = "fp" if r["method"] == "fp" else ("best" if r.get("best") else
-                                                     "same" if r.get("same_as_best") else "")
-            mark = BEST if r.get("best") else SAME if r.get("same_as_best") else ""
+            best, same = flag(r, "best"), flag(r, "same_as_best")
+            cls = "fp" if r["method"] == "fp" else ("best" if best else "same" if same else "")
+            mark = BEST if best else SAME if same else ""
             tds = [f'<td class="key">{_e(r["bits"])}</td>', f'<td class="key">{_e(r["method"])}</td>',
                    f'<td class="mark">{mark}</td>']
             for m in metrics:

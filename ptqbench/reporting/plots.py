@@ -144,20 +144,25 @@ def trajectory_error_plot(records: list[dict]) -> Optional[bytes]:
     bits = sorted({b for _, b in cells}, key=bits_order)
     styles = dict(zip(bits, ["-", "--", ":", "-."] * 4))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    from matplotlib.ticker import MaxNLocator
+
     for (method, b), errs in cells.items():
-        for ax, key in zip(axes, ("x_mse", "out_mse")):
-            series = np.mean([e[key] for e in errs], axis=0)
-            steps = np.arange(len(series))
-            lo = np.mean([[c[0] for c in e[f"{key}_ci"]] for e in errs], axis=0)
-            hi = np.mean([[c[1] for c in e[f"{key}_ci"]] for e in errs], axis=0)
-            ax.plot(steps, series, ls=styles[b], color=colors[method], label=f"{method} {b}")
-            ax.fill_between(steps, np.clip(lo, 1e-12, None), hi, color=colors[method], alpha=0.12)
+        for ax, key, first in zip(axes, ("x_mse", "out_mse"), (1, 0)):
+            # x_t at step 0 is the shared x_T (error 0): the drift starts at step 1
+            series = np.mean([e[key] for e in errs], axis=0)[first:]
+            steps = np.arange(first, first + len(series))
+            lo = np.mean([[c[0] for c in e[f"{key}_ci"]] for e in errs], axis=0)[first:]
+            hi = np.mean([[c[1] for c in e[f"{key}_ci"]] for e in errs], axis=0)[first:]
+            ax.plot(steps, series, ls=styles[b], color=colors[method], marker=".",
+                    label=f"{method} {b}")
+            ax.fill_between(steps, lo, hi, where=lo > 0, color=colors[method], alpha=0.15)
     n = sorted({e["num_samples"] for v in cells.values() for e in v})
-    axes[0].set_title("x_t: quantized vs FP trajectory (drift)", fontsize=10)
+    axes[0].set_title("x_t entering each step (drift; last: final sample)", fontsize=10)
     axes[1].set_title("model output at each step", fontsize=10)
     for ax in axes:
         ax.set_yscale("log")
-        ax.set_xlabel("sampler step (0 = noisiest; last = final sample)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("sampler step (0 = noisiest)")
         ax.set_ylabel("mean squared error")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"error between FP and quantized sampling of the same seeds "

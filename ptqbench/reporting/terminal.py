@@ -17,7 +17,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..report import shown_metrics
+from ..report import flag, shown_metrics
 from .numbers import column_exponent, exponent_label, format_cell
 
 BEST, SAME = "★", "≈"
@@ -57,9 +57,7 @@ def blocks(board: pd.DataFrame, metrics: Optional[list[str]] = None,
 
 
 def _mark(row) -> str:
-    if bool(row.get("best", False)):
-        return BEST
-    return SAME if bool(row.get("same_as_best", False)) else ""
+    return BEST if flag(row, "best") else SAME if flag(row, "same_as_best") else ""
 
 
 def _extra_cell(row, col: str) -> str:
@@ -94,7 +92,7 @@ def build_table(block: Block, metrics: list[str], stacked: bool, extras: bool,
         table.add_row(str(r["bits"]), str(r["method"]), _mark(r),
                       *[c.stacked() if stacked else c.inline() for c in cells],
                       *[_extra_cell(r, c) for c in extra_cols],
-                      style="bold" if r["method"] == "fp" or r.get("best") else None,
+                      style="bold" if r["method"] == "fp" or flag(r, "best") else None,
                       end_section=last_of_group)
     return table
 
