@@ -123,3 +123,13 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
     assert near((0xea, 0xf5, 0xea), 3) > 2000  # the best rows' background: the table is there
     assert near((0x1d, 0x1d, 0x1f), 40) > 5000  # text
     assert near((31, 119, 180)) > 300 and near((255, 127, 14)) > 300  # plot lines (tab10)
+
+
+def test_pareto_front_by_hand():
+    from ptqbench.reporting.plots import pareto_front
+
+    # (calibration seconds, FID): W4A8 of the reference run, rounded
+    points = [(1.3, 55.1), (70.1, 51.7), (102.1, 48.4), (111.7, 40.9), (213.1, 49.7), (93.0, 52.0)]
+    assert pareto_front(points, higher_is_better=False) == [0, 1, 2, 3]
+    # PSNR-like (higher is better): the cheapest point is on the front, then each improvement
+    assert pareto_front([(1, 20.0), (5, 19.0), (9, 25.0), (3, 22.0)], True) == [0, 3, 2]

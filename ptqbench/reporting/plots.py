@@ -112,8 +112,11 @@ def quality_vs_cost(board: pd.DataFrame, metric: str) -> bytes:
     fp = board[board["method"] == "fp"][metric].dropna()
     if len(fp):
         ax.axhline(float(fp.iloc[0]), color="k", ls="--", lw=1, label="fp")
-    ax.set_xscale("log")
-    ax.set_xlabel("calibration cost (s, log scale)")
+    costs = quant["calibration_seconds"].clip(lower=1e-3)
+    log = len(costs) > 1 and costs.max() / costs.min() > 20  # log only for a wide range
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel("calibration cost (s" + (", log scale)" if log else ")"))
     ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
     ax.set_title(f"{metric} vs calibration cost", fontsize=10)
     ax.legend(fontsize=7)

@@ -41,10 +41,10 @@ def blocks(board: pd.DataFrame, metrics: Optional[list[str]] = None,
     for (model, sampler), rows in board.groupby(["model", "sampler"], sort=False, dropna=False):
         fixed = [f"{model}", f"{sampler}"]
         extras = []
-        for col, label, unit in (("num_samples", "n", "samples"), ("seeds", "seeds", "seed")):
+        for col, one, many in (("num_samples", "sample", "samples"), ("seeds", "seed", "seeds")):
             vals = rows[col].dropna().unique()
-            if len(vals) == 1:
-                fixed.append(f"{int(vals[0])} {unit}{'s' if int(vals[0]) != 1 and unit == 'seed' else ''}")
+            if len(vals) == 1:  # the same on every row: said once, in the title
+                fixed.append(f"{int(vals[0])} {one if int(vals[0]) == 1 else many}")
             elif len(vals) > 1:
                 extras.append(col)
         if rows["seconds"].notna().any():
