@@ -287,7 +287,7 @@ def to_markdown(board: pd.DataFrame, metrics: Optional[list[str]] = None) -> str
 def to_csv(board: pd.DataFrame, metrics: Optional[list[str]] = None) -> str:
     metrics = metrics or metric_names(board)
     cols = KEYS + [c for m in metrics for c in (m, f"{m}__lo", f"{m}__hi")] + [
-        "seeds", "num_samples", "seconds", "calibration_seconds", "same_as_best"]
+        "seeds", "num_samples", "seconds", "calibration_seconds", "best", "same_as_best"]
     out = board[[c for c in cols if c in board.columns]].rename(
         columns=lambda c: c.replace("__lo", "_ci_low").replace("__hi", "_ci_high"))
     return out.to_csv(index=False)
