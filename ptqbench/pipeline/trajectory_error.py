@@ -17,7 +17,7 @@ from ..quant.context import sampler_step
 from ..sampling import DDIMSampler, SamplerSpec
 
 #: how many paired seeds are followed step by step (a second, small sampling pass per cell)
-TRAJECTORY_ERROR_SAMPLES = 32
+TRAJECTORY_ERROR_SAMPLES = 16
 
 
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
