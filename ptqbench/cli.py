@@ -126,34 +126,50 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
 @click.option("--bits", "bits", multiple=True, help="Only this bit-width, e.g. W4A8 (repeatable).")
 @click.option("--method", "methods", multiple=True, help="Only this method (repeatable).")
 @click.option("--sort", help="Metric to rank by (default: fid, fid_to_fp, sfid, paired_mse).")
-@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "csv"]),
-              default="terminal", show_default=True)
+@click.option("--metrics", "metric_list",
+              help="Metric columns to show, in this order, e.g. fid,fid_to_fp,paired_mse "
+                   "(default: all, the one ranked by first).")
+@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "csv", "html"]),
+              default="terminal", show_default=True,
+              help="html: one self-contained page with plots (needs -o).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file instead of standard output.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also save a PNG bar chart of the sort metric by method and bit-width.")
 @user_errors
-def report(folder, models, bits, methods, sort, fmt, output, plot):
+def report(folder, models, bits, methods, sort, metric_list, fmt, output, plot):
     """Leaderboard of the records in FOLDER (a suite's output folder).
 
     One row per (model, sampler, bits, method); FP rows are the reference; ± is the half-width
-    of the 95% confidence interval and ≈ marks rows not significantly different from the best.
+    of the 95% confidence interval, ★ marks the best row of each bit-width and ≈ the rows not
+    significantly different from it.
     """
     from .report import (failed_cells, leaderboard, load_records, print_rich, records_frame,
-                         to_csv, to_markdown)
+                         shown_metrics, to_csv, to_markdown)
 
-    df = records_frame(load_records(folder))
+    records = load_records(folder)
+    df = records_frame(records)
     board = leaderboard(df, models=models, bits=bits, methods=methods, sort=sort)
     if board.empty:
         raise PtqbenchError("no finished cells match the filters")
+    chosen = shown_metrics(board, metric_list.split(",")) if metric_list else None
+    if chosen and not sort:  # rank by the first metric the reader asked for
+        board = leaderboard(df, models=models, bits=bits, methods=methods, sort=chosen[0])
     if plot is not None:
         from .report import SORT_PREFERENCE, metric_names, plot_metric
 
         metric = sort or next((m for m in SORT_PREFERENCE if m in metric_names(board)), None)
         click.echo(f"wrote {plot_metric(board, metric, plot)}", err=True)
+    if fmt == "html":
+        if output is None:
+            raise PtqbenchError("--format html writes a file: give it with -o, e.g. -o report.html")
+        from .reporting.html import write_html_report
+
+        click.echo(f"wrote {write_html_report(board, records, output, metrics=chosen, source=folder)}")
+        return
     if fmt == "terminal" and output is None:
         console = Console()
-        print_rich(board, console)
+        print_rich(board, console, metrics=chosen)
         failed = failed_cells(df)
         if not failed.empty:
             console.print(f"[red]{len(failed)} failed cell(s)[/red]:")
@@ -161,9 +177,7 @@ def report(folder, models, bits, methods, sort, fmt, output, plot):
                 console.print(f"  {r['model']} {r['bits']} {r['method']} seed {r['seed']}: {r['error']}",
                               highlight=False)
         return
-    text = to_csv(board) if fmt == "csv" else to_markdown(board)
-    if fmt == "terminal":
-        text = to_markdown(board)
+    text = to_csv(board, chosen) if fmt == "csv" else to_markdown(board, chosen)
     if output is None:
         click.echo(text, nl=False)
     else:

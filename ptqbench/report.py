@@ -1,7 +1,11 @@
-"""Leaderboards from a results folder: records -> pandas -> terminal / markdown / CSV."""
+"""Leaderboards from a results folder: records -> pandas -> terminal / markdown / CSV / HTML.
+
+This module builds the leaderboard frame; ``ptqbench.reporting`` renders it (numbers, the
+terminal layout that fits the window, plots, the HTML page)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -19,6 +23,21 @@ SORT_PREFERENCE = ["fid", "fid_to_fp", "sfid", "paired_mse"]
 PAIRED_METRICS = ("paired_mse", "paired_psnr")
 METRIC_ORDER = ["fid", "fid_to_fp", "sfid", "kid", "is", "precision", "recall", "paired_mse",
                 "paired_psnr"]
+
+
+def bits_order(label: str) -> tuple:
+    """Sort key of a bit-width, high to low precision as a user reads them: FP, then weight
+    bits descending; at the same weight bits, quantized activations (8, 6, 4 ...) come before
+    weight-only quantization (A16/A32): FP, W8A8, W4A8, W4A4, W4A32. Unknown labels go last."""
+    from .quant.bits import FULL_PRECISION
+
+    if str(label).upper() == "FP":
+        return (0,)
+    m = re.match(r"^W(\d+)A(\d+)$", str(label).strip().upper())
+    if not m:
+        return (2, str(label))
+    w, a = int(m.group(1)), int(m.group(2))
+    return (1, -w, a in FULL_PRECISION, -a)
 
 
 def load_records(folder: str | Path) -> list[dict]:
@@ -68,6 +87,22 @@ def metric_names(df: pd.DataFrame) -> list[str]:
     return sorted(names, key=lambda n: (METRIC_ORDER.index(n) if n in METRIC_ORDER else 99, n))
 
 
+def shown_metrics(board: pd.DataFrame, chosen: Optional[Iterable[str]] = None) -> list[str]:
+    """The metric columns to show, in order: ``chosen`` as given (``--metrics``), else the
+    metric the board is ranked by first, then the others in METRIC_ORDER. Metrics with no
+    value in any row are left out."""
+    available = [m for m in metric_names(board) if board[m].notna().any()]
+    if chosen:
+        chosen = [c.strip().replace("-", "_") for c in chosen if c.strip()]
+        unknown = [c for c in chosen if c not in metric_names(board)]
+        if unknown:
+            raise PtqbenchError(f"--metrics: no metric {', '.join(map(repr, unknown))} in these "
+                                f"records; metrics here: {', '.join(metric_names(board))}")
+        return list(dict.fromkeys(chosen))
+    sort = board.attrs.get("sort")
+    return ([sort] if sort in available else []) + [m for m in available if m != sort]
+
+
 def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
                 sort: Optional[str] = None) -> pd.DataFrame:
     """One row per (model, sampler, bits, method) over finished cells. Several seeds are
@@ -108,16 +143,22 @@ def leaderboard(df: pd.DataFrame, models=None, bits=None, methods=None,
     for (model, sampler), block in board.groupby(["model", "sampler"], dropna=False, sort=True):
         ref = block[block["method"] == "fp"].copy()
         ref["bits"] = "FP"
+        ref["best"] = False
         parts.append(ref)  # the reference row leads its model and sampler
-        for _, group in block[block["method"] != "fp"].groupby("bits", sort=True):
-            group = group.sort_values(sort, ascending=not higher, na_position="last")
+        quant = block[block["method"] != "fp"]
+        for b in sorted(quant["bits"].unique(), key=bits_order):
+            group = quant[quant["bits"] == b].sort_values(sort, ascending=not higher,
+                                                          na_position="last")
             best = group.iloc[0]
+            group["best"] = [i == group.index[0] and pd.notna(best[sort]) for i in group.index]
             paired = _paired_marks(group, sort) if sort in PAIRED_METRICS else None
             group["significance"] = "paired" if paired is not None else "ci"
             group["same_as_best"] = paired if paired is not None else [
                 i != group.index[0] and _overlap(row, best, sort) for i, row in group.iterrows()]
             parts.append(group)
-    return pd.concat(parts).reset_index(drop=True)
+    out = pd.concat(parts).reset_index(drop=True)
+    out.attrs["sort"] = sort  # the renderers name the metric the marks refer to
+    return out
 
 
 def _seed_intervals(ok: pd.DataFrame, board: pd.DataFrame, metrics: list[str]) -> None:
@@ -201,10 +242,12 @@ def _num(x: float, significant: int = 4) -> str:
     return f"{x:.3e}"
 
 
-def display_table(board: pd.DataFrame, compact: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows shared by every output format. ``compact`` drops the columns
-    that are the same on every row (for narrow terminals; the caller names them in the title)."""
-    metrics = metric_names(board)
+def display_table(board: pd.DataFrame, compact: bool = False,
+                  metrics: Optional[list[str]] = None) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the markdown output. ``compact`` drops the columns
+    that are the same on every row (the caller names them in the title); ``metrics`` chooses
+    and orders the metric columns (default: all)."""
+    metrics = metrics or metric_names(board)
     keys = [k for k in KEYS if not (compact and k in constant_keys(board))]
     show_seeds = not compact or board["seeds"].nunique() > 1
     header = keys + metrics + (["seeds"] if show_seeds else []) + ["n", "time (s)", "≈best"]
@@ -214,52 +257,51 @@ def display_table(board: pd.DataFrame, compact: bool = False) -> tuple[list[str]
                     + ([str(int(r["seeds"]))] if show_seeds else []) + [
             str(int(r["num_samples"])) if pd.notna(r["num_samples"]) else "",
             f"{r['seconds']:.1f}" if pd.notna(r["seconds"]) else "",
-            "≈" if r.get("same_as_best") else ""])
+            "★" if flag(r, "best") else "≈" if flag(r, "same_as_best") else ""])
     return header, rows
+
+
+def flag(row, name: str) -> bool:
+    """A boolean column of a leaderboard row; absent or missing reads as False."""
+    v = row.get(name)
+    return False if v is None or (not isinstance(v, str) and pd.isna(v)) else bool(v)
 
 
 def constant_keys(board: pd.DataFrame) -> list[str]:
     return [k for k in ("model", "sampler") if board[k].nunique() == 1]
 
 
-def to_markdown(board: pd.DataFrame) -> str:
-    header, rows = display_table(board)
+def to_markdown(board: pd.DataFrame, metrics: Optional[list[str]] = None) -> str:
+    header, rows = display_table(board, metrics=metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     note = ("\n± is the half-width of the 95% confidence interval (one seed: over samples; "
             "several seeds: t-interval of the mean across seeds, which covers calibration "
-            "randomness too); ≈ marks rows not significantly "
-            "different from the best row of the same model, sampler and bit-width "
+            "randomness too); ★ marks the best row of its model, sampler and bit-width, "
+            "≈ the rows not significantly different from it "
             "(|a - b| <= sqrt(h_a^2 + h_b^2); for paired metrics a paired bootstrap over the "
             "samples, which share seeds).\n")
     return "\n".join(lines) + "\n" + note
 
 
-def to_csv(board: pd.DataFrame) -> str:
-    metrics = metric_names(board)
+def to_csv(board: pd.DataFrame, metrics: Optional[list[str]] = None) -> str:
+    metrics = metrics or metric_names(board)
     cols = KEYS + [c for m in metrics for c in (m, f"{m}__lo", f"{m}__hi")] + [
-        "seeds", "num_samples", "seconds", "calibration_seconds", "same_as_best"]
+        "seeds", "num_samples", "seconds", "calibration_seconds", "best", "same_as_best"]
     out = board[[c for c in cols if c in board.columns]].rename(
         columns=lambda c: c.replace("__lo", "_ci_low").replace("__hi", "_ci_high"))
     return out.to_csv(index=False)
 
 
-def print_rich(board: pd.DataFrame, console=None, title: str = "ptqbench leaderboard") -> None:
+def print_rich(board: pd.DataFrame, console=None, title: str = "ptqbench leaderboard",
+               metrics: Optional[list[str]] = None) -> None:
+    """The leaderboard in the terminal, laid out to fit the console's width without cutting a
+    value (see :mod:`ptqbench.reporting.terminal`)."""
     from rich.console import Console
-    from rich.table import Table
 
-    console = console or Console()
-    header, rows = display_table(board, compact=True)
-    fixed = [f"{k} {board[k].iloc[0]}" for k in constant_keys(board)]
-    table = Table(title=title + (f" ({', '.join(fixed)})" if fixed else ""))
-    for h in header:
-        table.add_column(h, justify="left" if h in KEYS else "right", no_wrap=True)
-    for r, (_, raw) in zip(rows, board.iterrows()):
-        table.add_row(*r, style="bold" if raw["method"] == "fp" else None)
-    console.print(table)
-    console.print("± = half-width of the 95% CI (several seeds: across seeds); ≈ = not "
-                  "significantly different from the best row of its bit-width (paired metrics: "
-                  "paired test over samples)", style="dim")
+    from .reporting.terminal import print_leaderboard
+
+    print_leaderboard(board, console or Console(), title=title, metrics=metrics)
 
 
 def failed_cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -279,7 +321,7 @@ def plot_metric(board: pd.DataFrame, metric: str, path: str | Path) -> Path:
     if metric not in board.columns:
         raise PtqbenchError(f"cannot plot {metric!r}; metrics here: {', '.join(metric_names(board))}")
     quant = board[board["method"] != "fp"]
-    bits = sorted(quant["bits"].unique())
+    bits = sorted(quant["bits"].unique(), key=bits_order)
     methods = list(dict.fromkeys(quant.sort_values("method")["method"]))
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.6 * len(bits) * max(len(methods), 1)), 3.6))

@@ -15,6 +15,7 @@ VOLATILE_KEYS = frozenset({
     "seconds", "total_seconds", "started", "finished", "costs", "costs_calibration_reused",
     "iters_per_s", "steady_iters_per_s", "host", "peak_rss_mb", "peak_gpu_mb",
     "device_peak_bytes", "host_peak_rss_bytes", "meta_seconds", "traceback", "torch_threads",
+    "img_steps_per_s", "peak_host_mb", "peak_mb", "rss_mb",
 })
 
 

@@ -36,9 +36,11 @@ def test_leaderboard_rows_and_significance(results):
     df = records_frame(load_records(results))
     board = leaderboard(df)
     keys = list(zip(board["bits"], board["method"]))
-    # the FP reference first, then each bit-width best to worst; failed cells left out
-    assert keys == [("FP", "fp"), ("W4A8", "brecq"), ("W4A8", "rtn"),
-                    ("W8A8", "brecq"), ("W8A8", "rtn")]
+    # the FP reference first, then bit-widths from high to low precision, each best to worst;
+    # failed cells left out
+    assert keys == [("FP", "fp"), ("W8A8", "brecq"), ("W8A8", "rtn"),
+                    ("W4A8", "brecq"), ("W4A8", "rtn")]
+    assert board["best"].tolist() == [False, True, False, True, False]
     marks = dict(zip(zip(board["bits"], board["method"]), board["same_as_best"]))
     assert bool(marks[("W8A8", "rtn")])
     assert not marks[("W4A8", "rtn")]

@@ -203,9 +203,25 @@ class CellRunner:
                                                     ev.batch_size, device, execution)
         fp_samples = samples if cell.is_fp else self._fp_samples(cell, adapter, fp_model, spec,
                                                                  device, timer)
+        if not cell.is_fp:
+            with timer.stage("trajectory_error"):
+                record["trajectory_error"] = self._trajectory_error(cell, adapter, fp_model,
+                                                                    model, spec, device)
         del model
         with timer.stage("metrics"):
             self._metrics(cell, samples, fp_samples, device, record)
+
+    def _trajectory_error(self, cell, adapter, fp_model, model, spec, device) -> dict:
+        """Per-step FP-vs-quantized error on the first paired seeds (a diagnostic: if it fails,
+        the record says why and the cell's metrics still count)."""
+        from .trajectory_error import TRAJECTORY_ERROR_SAMPLES, trajectory_error
+
+        ev = self.loaded.suite.evaluation
+        n = min(TRAJECTORY_ERROR_SAMPLES, ev.num_samples, ev.batch_size)
+        try:
+            return trajectory_error(adapter, fp_model, model, spec, cell.seed, n, device)
+        except Exception as exc:
+            return {"unavailable": f"{type(exc).__name__}: {exc}"}
 
     def _fp_samples(self, cell, adapter, fp_model, spec, device, timer) -> np.ndarray:
         ev = self.evaluation(cell)
