@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from .cli_errors import GuardedGroup
 from .errors import PtqbenchError
 
 
@@ -24,9 +25,12 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ptqbench")
-def cli():
+@click.option("--debug", is_flag=True, envvar="PTQBENCH_DEBUG",
+              help="Show the full traceback of an unexpected error (default: a short message and "
+                   "the path of a log file that holds it).")
+def cli(debug):
     """Benchmark post-training quantization of diffusion models.
 
     A suite (TOML) declares models, samplers, bit-widths, methods and seeds; `ptqbench run`
@@ -67,7 +71,7 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
 
     console = Console()
     if dry_run:
-        loaded, _, cells = prepare(suite)
+        loaded, _, cells = prepare(suite, output=output)
         if select:
             from .pipeline.runner import select_cells
             cells = select_cells(cells, **select)
@@ -166,13 +170,12 @@ def plugins(suite, plain):
     """List every registered plugin: family, name, where it came from, what it does."""
     from rich.table import Table
 
+    from .pipeline.runner import prepare
     from .registry import default_registry
-    from .suite.loader import load_suite
 
     registry = default_registry()
     if suite is not None:
-        for f in load_suite(suite).plugin_files:
-            registry.load_file(f)
+        prepare(suite, registry)  # loads its plugin files, after the checks that run does
     if plain:
         for info in registry.all():
             click.echo("\t".join((info.family, info.name, info.source, info.description)))

@@ -2,6 +2,7 @@
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -145,5 +146,7 @@ def test_readme_suite_example_is_valid(tmp_path):
     (block,) = re.findall(r"```toml\n(.*?)```", section, re.S)
     (tmp_path / "base.toml").write_text("")
     (tmp_path / "my_weighting.py").write_text("")
+    (tmp_path / "data" / "cifar10").mkdir(parents=True)  # the metrics' reference must exist
+    np.save(tmp_path / "data" / "cifar10" / "train_x.npy", np.zeros((2, 32, 32, 3), np.uint8))
     loaded, _, cells = prepare(write(tmp_path, block))
     assert len(cells) == 1 + 3 * 3  # fp once, three quantized methods at three bit-widths

@@ -10,7 +10,8 @@ from ..errors import PtqbenchError
 from ..registry import Registry, default_registry
 from ..store import Store
 from ..suite.expand import Cell, expand
-from ..suite.loader import LoadedSuite, check_plugins, load_suite
+from ..suite.loader import LoadedSuite, load_suite
+from ..suite.preflight import preflight
 from .cell import CellRunner
 from .worker import CellJob
 
@@ -26,15 +27,16 @@ class RunSummary:
     output: Optional[Path] = None
 
 
-def prepare(suite_path=None, registry: Optional[Registry] = None
+def prepare(suite_path=None, registry: Optional[Registry] = None,
+            output: Optional[str | Path] = None, writable: Optional[dict] = None
             ) -> tuple[LoadedSuite, Registry, list[Cell]]:
-    """Load and check a suite; every user error surfaces here, before any work starts."""
-    loaded = load_suite(suite_path)
+    """Load and check a suite; every user error surfaces here, before any work starts, all
+    problems of a suite together (see :mod:`ptqbench.suite.preflight`). ``output`` overrides
+    the suite's results folder (checked for writing); ``writable``: more folders to check."""
+    loaded = load_suite(suite_path, defer=True)
     if registry is None:
         registry = default_registry()
-    for f in loaded.plugin_files:
-        registry.load_file(f)
-    check_plugins(loaded, registry)
+    preflight(loaded, registry, output=output, writable=writable)
     return loaded, registry, expand(loaded)
 
 
@@ -123,7 +125,7 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
               device: Optional[str] = None, select: Optional[dict] = None) -> RunSummary:
     """Run (or resume) a suite; ``select`` = select_cells() filters (models, bits, methods,
     keys) to run only part of it."""
-    loaded, registry, cells = prepare(suite_path, registry)
+    loaded, registry, cells = prepare(suite_path, registry, output=output)
     if select:
         cells = select_cells(cells, **select)
     runner = make_runner(loaded, registry, output, reporter)
