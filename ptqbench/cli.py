@@ -128,12 +128,21 @@ def report(folder, models, bits, methods, sort, fmt, output, plot):
     One row per (model, sampler, bits, method); FP rows are the reference; ± is the half-width
     of the 95% confidence interval and ≈ marks rows not significantly different from the best.
     """
-    from .report import (failed_cells, leaderboard, load_records, print_rich, records_frame,
-                         to_csv, to_markdown)
+    from .report import (failed_cell_lines, leaderboard, load_records, print_rich,
+                         records_frame, to_csv, to_markdown)
 
     df = records_frame(load_records(folder))
     board = leaderboard(df, models=models, bits=bits, methods=methods, sort=sort)
+    failed = failed_cell_lines(df, models=models, bits=bits, methods=methods)
+
+    def show_failed(console: Console) -> None:
+        if failed:
+            console.print(f"[red]{len(failed)} failed cell(s)[/red]:")
+            for line in failed:
+                console.print(f"  {line}", highlight=False, markup=False)
+
     if board.empty:
+        show_failed(Console(stderr=True))
         raise PtqbenchError("no finished cells match the filters")
     if plot is not None:
         from .report import SORT_PREFERENCE, metric_names, plot_metric
@@ -143,13 +152,9 @@ def report(folder, models, bits, methods, sort, fmt, output, plot):
     if fmt == "terminal" and output is None:
         console = Console()
         print_rich(board, console)
-        failed = failed_cells(df)
-        if not failed.empty:
-            console.print(f"[red]{len(failed)} failed cell(s)[/red]:")
-            for _, r in failed.iterrows():
-                console.print(f"  {r['model']} {r['bits']} {r['method']} seed {r['seed']}: {r['error']}",
-                              highlight=False)
+        show_failed(console)
         return
+    show_failed(Console(stderr=True))  # the file or pipe gets the leaderboard alone
     text = to_csv(board) if fmt == "csv" else to_markdown(board)
     if fmt == "terminal":
         text = to_markdown(board)

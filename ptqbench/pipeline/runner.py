@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from rich.markup import escape
+
 from ..environment import code_identity
 from ..errors import PtqbenchError
 from ..registry import Registry, default_registry
@@ -106,7 +108,8 @@ class CellDispatch:
             self.reporter.log(f"  [green]ok[/green] {cell.title()} in {secs:.1f} s")
         else:
             err = record["error"]
-            self.reporter.log(f"  [red]failed[/red] {cell.title()}: {err['type']}: {err['message']}")
+            self.reporter.log(f"  [red]failed[/red] {cell.title()}: "
+                              f"{escape(err['type'])}: {escape(err['message'])}")
 
     def crashed(self, cell: Cell, device, message: str) -> dict:
         record = self.runner.crash_record(cell, device, message)
