@@ -5,6 +5,15 @@ import contextlib
 from typing import Iterable, Iterator
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line: a key or value from a suite may hold control characters
+    (TOML allows them in quoted keys and strings), which are shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class PtqbenchError(Exception):
     """An error caused by the user's input, reported as one clear message."""
 
@@ -15,7 +24,7 @@ class SuiteError(PtqbenchError):
     def __init__(self, file, key: str, reason: str):
         self.file, self.key, self.reason = str(file), key, reason
         where = f"{self.file}: {key}" if key else self.file
-        super().__init__(f"{where}: {reason}")
+        super().__init__(one_line(f"{where}: {reason}"))
 
     @property
     def problems(self) -> list["SuiteError"]:

@@ -43,7 +43,7 @@ def run_cell(job: CellJob, cell_key: str, device: str) -> dict:
         from ..progress import Reporter
         from .runner import make_runner, prepare
 
-        loaded, registry, cells = prepare(job.suite_file)
+        loaded, registry, cells = prepare(job.suite_file, output=job.output)
         reporter = Reporter(enabled=False, prefix=f"[{os.environ.get('PTQBENCH_WORKER', device)}] ")
         _runners[job] = (make_runner(loaded, registry, job.output, reporter),
                          {c.key: c for c in cells})
