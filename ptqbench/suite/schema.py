@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import Problems, PtqbenchError, SuiteError
+from ..errors import Problems, PtqbenchError
 from ..quant.bits import parse_bits
 from ..sampling import SPACINGS
 
