@@ -316,3 +316,18 @@ def test_every_command_runs_the_same_checks(tmp_path, command):
     assert f"{path}: models.m.path: model folder not found" in result.output
     assert f"{path}: evaluation.metric_options.fid: reference" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.toml"]  # no work, no folders
+
+
+@pytest.mark.parametrize("value", ["a\\u0000b", "a" * 5000, "~no-such-user-here/x"])
+@pytest.mark.parametrize("key", ["include", "plugins", "output", "cache_dir", "model", "reference"])
+def test_paths_the_os_rejects_are_user_errors(tmp_path, key, value):
+    text = {"include": GOOD.replace("[suite]", f'[suite]\ninclude = ["{value}"]'),
+            "plugins": GOOD.replace("[suite]", f'[suite]\nplugins = ["{value}"]'),
+            "output": GOOD.replace('output = "out"', f'output = "{value}"'),
+            "cache_dir": GOOD + f'\n[run]\ncache_dir = "{value}"\n',
+            "model": GOOD.replace("builtin:tiny-mnist", value),
+            "reference": GOOD.replace("batch_size = 4", 'batch_size = 4\nmetrics = ["fid"]\n'
+                                      f'metric_options.fid = {{ reference = "{value}" }}')}[key]
+    with pytest.raises(SuiteError) as info:
+        prepare(write(tmp_path, text))
+    assert all("\n" not in str(p) for p in info.value.problems)

@@ -83,7 +83,7 @@ def _raw_with_includes(file: Path, seen: tuple[Path, ...], model_dirs: dict[str,
             problems.add(file, f"suite.include[{i}]", f"expected a file path, got {inc!r}")
             continue
         target = file.parent / inc
-        if not target.exists():
+        if not path_exists(target):
             problems.add(file, f"suite.include[{i}]", f"included file not found: {target}")
             continue
         with problems.collect():
@@ -95,7 +95,7 @@ def _raw_with_includes(file: Path, seen: tuple[Path, ...], model_dirs: dict[str,
         model_dirs[name] = file.parent
     plugins = info.get("plugins", [])
     if isinstance(plugins, list):
-        plugin_files.extend((file.parent / p).resolve() for p in plugins if isinstance(p, str))
+        plugin_files.extend(_resolved(file.parent / p) for p in plugins if isinstance(p, str))
     merged = _merge(merged, raw)
     if isinstance(merged.get("suite"), dict):
         merged["suite"] = {k: v for k, v in merged["suite"].items() if k not in ("include",)}
@@ -144,7 +144,7 @@ def _name_problems(loaded: LoadedSuite) -> list[SuiteError]:
     suite, file = loaded.suite, loaded.file
     problems = Problems()
     for i, p in enumerate(loaded.plugin_files):
-        if not p.is_file():
+        if not path_is_file(p):
             problems.add(file, f"suite.plugins[{i}]", f"plugin file not found: {p}")
     for i, name in enumerate(suite.grid.methods):
         if name not in suite.methods and name not in PRESETS:
@@ -181,6 +181,20 @@ def _check_model_path(file: Path, name: str, path: str, base: Path) -> None:
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local and not path_exists(p):
         raise SuiteError(file, key, f"model folder not found: {p.resolve()}")
+
+
+def path_is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, ValueError):  # a name the OS rejects: reported as not found later
+        return path
 
 
 def path_exists(path: Path) -> bool:

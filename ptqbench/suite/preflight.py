@@ -24,7 +24,7 @@ from typing import Optional
 
 from ..errors import Problems, PtqbenchError, SuiteError
 from ..methods import PRESETS, resolve
-from .loader import LoadedSuite, path_exists
+from .loader import LoadedSuite, path_exists, path_is_file
 
 
 def preflight(loaded: LoadedSuite, registry, output: Optional[str | Path] = None,
@@ -43,7 +43,7 @@ def preflight(loaded: LoadedSuite, registry, output: Optional[str | Path] = None
 def _load_plugin_files(loaded: LoadedSuite, registry, problems: Problems) -> bool:
     ok = True
     for i, path in enumerate(loaded.plugin_files):
-        if not path.is_file():
+        if not path_is_file(path):
             continue  # reported by the loader
         try:
             registry.load_file(path)
@@ -189,6 +189,9 @@ def folder_problem(folder: Path) -> Optional[str]:
         parent = parent.parent
     if not parent.is_dir():
         return f"cannot be created: {parent} is a file, not a folder"
+    too_long = [part for part in folder.relative_to(parent).parts if len(part.encode()) > 255]
+    if too_long:
+        return f"cannot be created: a folder name of {len(too_long[0].encode())} bytes is too long"
     try:
         if parent == folder:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ptqbench-write-test-")
