@@ -331,3 +331,18 @@ def test_paths_the_os_rejects_are_user_errors(tmp_path, key, value):
     with pytest.raises(SuiteError) as info:
         prepare(write(tmp_path, text))
     assert all("\n" not in str(p) for p in info.value.problems)
+
+
+def test_type_problems_and_file_problems_are_reported_together(tmp_path):
+    text = (GOOD.replace("steps = 5", 'steps = "5"')
+            .replace('path = "builtin:tiny-mnist"', 'path = "./no-model"')
+            .replace('methods = ["fp", "rtn"]', 'methods = ["fp", "rtn", "nosuch"]')
+            .replace('output = "out"', 'output = "/dev/null/out"')
+            .replace("batch_size = 4", 'batch_size = 4\nmetrics = ["paired", "fid"]\n'
+                                       'metric_options.fid = { reference = "ref.npy" }'))
+    with pytest.raises(SuiteError) as info:
+        prepare(write(tmp_path, text))
+    # [samplers] cannot be read: grid.samplers[0] 's' is not reported as undeclared
+    assert [p.key for p in info.value.problems] == [
+        "samplers.s.steps", "grid.methods[2]", "models.m.path", "evaluation.metric_options.fid",
+        "suite.output"]

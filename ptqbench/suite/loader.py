@@ -1,7 +1,9 @@
 """Reading suites: TOML -> includes merged -> typed Suite -> plugin names checked."""
 from __future__ import annotations
 
+import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -9,7 +11,7 @@ from typing import Optional
 from ..errors import Problems, PtqbenchError, SuiteError
 from ..methods import PRESETS
 from .schema import Suite
-from .typed import from_dict
+from .typed import convert
 
 DEFAULT_SUITE = "tiny.toml"
 
@@ -28,8 +30,14 @@ class LoadedSuite:
     #: folder of each declared model's suite file: relative model paths resolve there
     model_dirs: dict[str, Path]
     plugin_files: list[Path]
-    #: problems of names and files found by load_suite(defer=True), not raised yet
+    #: problems found by load_suite(defer=True), not raised yet
     problems: list[SuiteError] = field(default_factory=list)
+    #: top-level tables that could not be read (left at their defaults; see relevant())
+    broken: set[str] = field(default_factory=set)
+
+    def relevant(self, problems: list[SuiteError]) -> list[SuiteError]:
+        """``problems`` less those that may only be consequences of unreadable tables."""
+        return [p for p in problems if not _depends(p.key, self.broken)]
 
 
 def _read_toml(file: Path) -> dict:
@@ -119,24 +127,58 @@ def load_suite(path: Optional[str | Path] = None, defer: bool = False) -> Loaded
         raise SuiteError(file, "", "empty suite: it declares nothing (no [grid], no [models]); "
                                    "see suites/tiny.toml for an example")
     problems = Problems()
-    if "grid" not in raw:
-        problems.add(file, "grid", "missing: without a [grid] table the suite has no cells")
-    try:
-        suite = from_dict(Suite, raw, "", file)
-    except SuiteError as exc:
-        # a missing [grid] is reported once, not as four empty axes
-        problems.items += [p for p in exc.problems if "grid" in raw or not p.key.startswith("grid.")]
-        problems.raise_any()
-        raise
-    problems.raise_any()
+    suite, broken = _typed_suite(raw, file, problems)
     # plugin lists of included suites add up (the merge would keep only the last list)
     plugin_files = list(dict.fromkeys(plugin_files))
     suite.suite.plugins = [str(p) for p in plugin_files]
-    loaded = LoadedSuite(suite, file.resolve(), model_dirs, plugin_files)
-    loaded.problems = _name_problems(loaded)
+    loaded = LoadedSuite(suite, file.resolve(), model_dirs, plugin_files, broken=broken)
+    problems.items += loaded.relevant(_name_problems(loaded))
+    loaded.problems = problems.items
     if not defer:
-        Problems.of(loaded.problems).raise_any()
+        problems.raise_any()
     return loaded
+
+
+def _typed_suite(raw: dict, file: Path, problems: Problems) -> tuple[Suite, set[str]]:
+    """The typed Suite, and the top-level tables that could not be read: their problems go to
+    ``problems``, and they are left at their defaults so that the other tables are still
+    checked (problems that may only be consequences of them are left out, see _depends)."""
+    broken: set[str] = set()
+    if "grid" not in raw:
+        problems.add(file, "grid", "missing: without a [grid] table the suite has no cells")
+        broken.add("grid")
+    hints = typing.get_type_hints(Suite)
+    names = [f.name for f in dataclasses.fields(Suite)]
+    for key in sorted(set(raw) - set(names)):
+        problems.add(file, key, f"unknown key; allowed here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            try:
+                kwargs[name] = convert(raw[name], hints[name], name, file)
+            except SuiteError as exc:
+                problems.extend(exc)
+                broken.add(name)
+    suite = Suite(**kwargs)
+    try:
+        suite.check("", file)  # references between tables (grid -> models, samplers)
+    except SuiteError as exc:
+        problems.items += [p for p in exc.problems if not _depends(p.key, broken)]
+    return suite, broken
+
+
+def _table_of(key: str) -> str:
+    return key.split(".", 1)[0].split("[", 1)[0]
+
+
+def _depends(key: str, broken: set[str]) -> bool:
+    """Whether a problem at ``key`` may only be a consequence of the ``broken`` tables."""
+    table = _table_of(key)
+    if table in broken:
+        return True
+    # grid.models[0] 'x' not declared: [models] could not be read
+    return table == "grid" and any(key == f"grid.{t}" or key.startswith((f"grid.{t}[", f"grid.{t}."))
+                                   for t in broken)
 
 
 def _name_problems(loaded: LoadedSuite) -> list[SuiteError]:

@@ -35,8 +35,8 @@ def preflight(loaded: LoadedSuite, registry, output: Optional[str | Path] = None
     by the option that named them (e.g. ``{"--out": path}``)."""
     problems = Problems.of(loaded.problems)
     loaded_ok = _load_plugin_files(loaded, registry, problems)
-    problems.items += plugin_problems(loaded, registry, report_unknown=loaded_ok)
-    problems.items += output_problems(loaded, output, writable or {})
+    problems.items += loaded.relevant(plugin_problems(loaded, registry, report_unknown=loaded_ok))
+    problems.items += loaded.relevant(output_problems(loaded, output, writable or {}))
     problems.raise_any()
 
 
