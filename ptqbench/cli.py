@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from .cli_errors import GuardedGroup
 from .errors import PtqbenchError
 
 
@@ -24,9 +25,12 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ptqbench")
-def cli():
+@click.option("--debug", is_flag=True, envvar="PTQBENCH_DEBUG",
+              help="Show the full traceback of an unexpected error (default: a short message and "
+                   "the path of a log file that holds it).")
+def cli(debug):
     """Benchmark post-training quantization of diffusion models.
 
     A suite (TOML) declares models, samplers, bit-widths, methods and seeds; `ptqbench run`
@@ -71,7 +75,7 @@ def run(suite, dry_run, output, device, retry_failed, no_progress, models, bits,
 
     console = Console()
     if dry_run:
-        loaded, _, cells = prepare(suite)
+        loaded, _, cells = prepare(suite, output=output)
         if select:
             from .pipeline.runner import select_cells
             cells = select_cells(cells, **select)
@@ -144,13 +148,22 @@ def report(folder, models, bits, methods, sort, metric_list, fmt, output, plot):
     of the 95% confidence interval, ★ marks the best row of each bit-width and ≈ the rows not
     significantly different from it.
     """
-    from .report import (failed_cells, leaderboard, load_records, print_rich, records_frame,
-                         shown_metrics, to_csv, to_markdown)
+    from .report import (failed_cell_lines, leaderboard, load_records, print_rich,
+                         records_frame, shown_metrics, to_csv, to_markdown)
 
     records = load_records(folder)
     df = records_frame(records)
     board = leaderboard(df, models=models, bits=bits, methods=methods, sort=sort)
+    failed = failed_cell_lines(df, models=models, bits=bits, methods=methods)
+
+    def show_failed(console: Console) -> None:
+        if failed:
+            console.print(f"[red]{len(failed)} failed cell(s)[/red]:")
+            for line in failed:
+                console.print(f"  {line}", highlight=False, markup=False)
+
     if board.empty:
+        show_failed(Console(stderr=True))
         raise PtqbenchError("no finished cells match the filters")
     chosen = shown_metrics(board, metric_list.split(",")) if metric_list else None
     if chosen and not sort:  # rank by the first metric the reader asked for
@@ -170,13 +183,9 @@ def report(folder, models, bits, methods, sort, metric_list, fmt, output, plot):
     if fmt == "terminal" and output is None:
         console = Console()
         print_rich(board, console, metrics=chosen)
-        failed = failed_cells(df)
-        if not failed.empty:
-            console.print(f"[red]{len(failed)} failed cell(s)[/red]:")
-            for _, r in failed.iterrows():
-                console.print(f"  {r['model']} {r['bits']} {r['method']} seed {r['seed']}: {r['error']}",
-                              highlight=False)
+        show_failed(console)
         return
+    show_failed(Console(stderr=True))  # the file or pipe gets the leaderboard alone
     text = to_csv(board, chosen) if fmt == "csv" else to_markdown(board, chosen)
     if output is None:
         click.echo(text, nl=False)
@@ -195,13 +204,12 @@ def plugins(suite, plain):
     """List every registered plugin: family, name, where it came from, what it does."""
     from rich.table import Table
 
+    from .pipeline.runner import prepare
     from .registry import default_registry
-    from .suite.loader import load_suite
 
     registry = default_registry()
     if suite is not None:
-        for f in load_suite(suite).plugin_files:
-            registry.load_file(f)
+        prepare(suite, registry)  # loads its plugin files, after the checks that run does
     if plain:
         for info in registry.all():
             click.echo("\t".join((info.family, info.name, info.source, info.description)))

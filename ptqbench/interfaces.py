@@ -24,6 +24,12 @@ class Plugin:
     def __init__(self, **options: Any):
         self.options = options
 
+    def check_inputs(self, base_dir: Path) -> None:
+        """Check what this plugin's options name outside the suite (a metric's reference
+        dataset, a weights file) before any work starts; raise PtqbenchError with the reason.
+        Runs on every ``run``, ``run --dry-run`` and ``plugins --suite``, so it must be cheap.
+        ``base_dir`` is the suite file's folder, where relative paths resolve."""
+
 
 # --------------------------------------------------------------------------------------------
 # models

@@ -310,6 +310,20 @@ def failed_cells(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] != "ok"][KEYS + ["seed", "error"]]
 
 
+def failed_cell_lines(df: pd.DataFrame, models=None, bits=None, methods=None) -> list[str]:
+    """One line per failed cell (matching the filters): the cell, then its record's reason."""
+    failed = failed_cells(df)
+    lines = []
+    for _, r in failed.iterrows():
+        if ((models and r["model"] not in models) or (bits and r["bits"] not in bits)
+                or (methods and r["method"] not in methods)):
+            continue
+        reason = r["error"] if isinstance(r["error"], str) and r["error"] else "no reason recorded"
+        lines.append(f"{r['model']} | {r['sampler']} | {r['bits']} | {r['method']} | "
+                     f"seed {r['seed']}: {reason}")
+    return lines
+
+
 def plot_metric(board: pd.DataFrame, metric: str, path: str | Path) -> Path:
     """Bar chart of ``metric`` by method, one group of bars per bit-width, 95% CI as error bars."""
     import matplotlib

@@ -97,6 +97,13 @@ class _InceptionMetric(Metric):
         self._extractor: Optional[dict] = None  # filled by compute(): class, weights path + hash
         self._reference: Optional[dict] = None
 
+    def check_inputs(self, base_dir: Path) -> None:
+        # a missing reference or weights file must fail the suite now, not after sampling
+        if self.cfg.get("weights"):
+            resolve_weights(self.cfg["weights"], base_dir, download=False)
+        if self.cfg.get("reference") is not None:
+            open_reference(self.cfg["reference"], base_dir, self.cfg["num_reference"])
+
     # ---- shared steps ---------------------------------------------------------------------
     def _featurizer(self, context: MetricContext) -> InceptionFeaturizer:
         path = resolve_weights(self.cfg["weights"], context.base_dir, self.cfg["download"])

@@ -58,7 +58,7 @@ def run_diagnosis(suite: Optional[Path], block: str, out: Path, model: Optional[
     from .diagnostics import BlockProbe, DiagnosisDone
     from .trajectories import get_trajectories
 
-    loaded, registry, cells = prepare(suite)
+    loaded, registry, cells = prepare(suite, writable=None if list_blocks else {"--out": out})
     cell = _pick_cell(cells, model, method, bits, sampler, seed)
     dev = _device(device)
     results = Path(loaded.suite.suite.output)

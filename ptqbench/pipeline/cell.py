@@ -20,6 +20,7 @@ from ..sampling import SamplerSpec
 from ..store import Store, atomic_write_json
 from ..suite.expand import Cell
 from ..suite.loader import LoadedSuite
+from . import faults
 from .generate import generate
 
 
@@ -42,6 +43,9 @@ class StageTimer:
         t0 = time.perf_counter()
         try:
             yield
+        except BaseException as exc:
+            faults.tag_stage(exc, name)  # the failed cell's message says where it happened
+            raise
         finally:
             if cuda:
                 torch.cuda.synchronize(self.device)
@@ -165,8 +169,9 @@ class CellRunner:
                     f"{k}: {v['message']}" for k, v in record["metric_errors"].items())}
         except Exception as exc:  # a failing cell is recorded and the suite goes on
             record["status"] = "failed"
-            record["error"] = {"type": type(exc).__name__, "message": str(exc),
-                               "traceback": traceback.format_exc()}
+            record["error"] = faults.describe(exc, device)
+        if record["status"] == "failed":
+            faults.release_memory(device)  # e.g. after an OOM: the next cell gets a clean GPU
         record["costs"] = timer.as_dict()
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.store.write_record(cell.key, record)
@@ -178,6 +183,7 @@ class CellRunner:
         with timer.stage("load"):
             adapter = self.adapter(cell.model)
             fp_model = adapter.load(device)
+            faults.check_model_finite(fp_model, f"the weights of model {cell.model!r}")
         record["model_identity"] = adapter.identity()
         model = fp_model
         if not cell.is_fp:
@@ -289,6 +295,7 @@ class CellRunner:
         with calib_timer.stage("reconstruct"):
             weighting.prepare(calib, val, ctx)
             recon = reconstructor.reconstruct(fp_model, qmodel, adapter, calib, val, weighting, ctx)
+            faults.check_reconstruction_finite(qmodel, recon)
         calibration = {"num_calibration": len(calib), "num_validation": len(val) if val is not None else 0,
                        "trajectories": traj_options["num_samples"],
                        "steps_used": sorted(set(int(s) for s in calib.step.tolist()))}

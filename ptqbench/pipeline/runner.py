@@ -5,13 +5,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from rich.markup import escape
+
 from .. import numerics
 from ..environment import code_identity
 from ..errors import PtqbenchError
 from ..registry import Registry, default_registry
 from ..store import Store
 from ..suite.expand import Cell, expand
-from ..suite.loader import LoadedSuite, check_plugins, load_suite
+from ..suite.loader import LoadedSuite, load_suite
+from ..suite.preflight import preflight
 from .cell import CellRunner
 from .worker import CellJob
 
@@ -29,15 +32,16 @@ class RunSummary:
     output: Optional[Path] = None
 
 
-def prepare(suite_path=None, registry: Optional[Registry] = None
+def prepare(suite_path=None, registry: Optional[Registry] = None,
+            output: Optional[str | Path] = None, writable: Optional[dict] = None
             ) -> tuple[LoadedSuite, Registry, list[Cell]]:
-    """Load and check a suite; every user error surfaces here, before any work starts."""
-    loaded = load_suite(suite_path)
+    """Load and check a suite; every user error surfaces here, before any work starts, all
+    problems of a suite together (see :mod:`ptqbench.suite.preflight`). ``output`` overrides
+    the suite's results folder (checked for writing); ``writable``: more folders to check."""
+    loaded = load_suite(suite_path, defer=True)
     if registry is None:
         registry = default_registry()
-    for f in loaded.plugin_files:
-        registry.load_file(f)
-    check_plugins(loaded, registry)
+    preflight(loaded, registry, output=output, writable=writable)
     return loaded, registry, expand(loaded)
 
 
@@ -107,7 +111,8 @@ class CellDispatch:
             self.reporter.log(f"  [green]ok[/green] {cell.title()} in {secs:.1f} s")
         else:
             err = record["error"]
-            self.reporter.log(f"  [red]failed[/red] {cell.title()}: {err['type']}: {err['message']}")
+            self.reporter.log(f"  [red]failed[/red] {cell.title()}: "
+                              f"{escape(err['type'])}: {escape(err['message'])}")
 
     def submitted(self, cell: Cell, job_id: str) -> None:
         """A cell left to a batch system (it runs after this command returns)."""
@@ -133,7 +138,7 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
               deterministic: Optional[bool] = None) -> RunSummary:
     """Run (or resume) a suite; ``select`` = select_cells() filters (models, bits, methods,
     keys) to run only part of it; ``deterministic`` overrides the suite's ``[run]`` setting."""
-    loaded, registry, cells = prepare(suite_path, registry)
+    loaded, registry, cells = prepare(suite_path, registry, output=output)
     if deterministic is not None:
         loaded.suite.run.deterministic = deterministic
     if select:

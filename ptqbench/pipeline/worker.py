@@ -50,7 +50,7 @@ def runner_for(job: CellJob, cell_key: str, device: str):
         from ..progress import Reporter
         from .runner import make_runner, prepare
 
-        loaded, registry, cells = prepare(job.suite_file)
+        loaded, registry, cells = prepare(job.suite_file, output=job.output)
         if job.deterministic is not None:
             loaded.suite.run.deterministic = job.deterministic
         reporter = Reporter(enabled=False, prefix=f"[{os.environ.get('PTQBENCH_WORKER', device)}] ")

@@ -4,9 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import PtqbenchError, SuiteError
+from ..errors import Problems, PtqbenchError
 from ..quant.bits import parse_bits
 from ..sampling import KINDS, SPACINGS
+
+
+#: sampler steps above this are a typo (schedulers are trained with 1000 timesteps)
+MAX_STEPS = 10_000
 
 
 @dataclass
@@ -68,16 +72,18 @@ class SamplerEntry:
     spacing: str = "uniform"
 
     def check(self, path, file):
+        problems = Problems()
         if self.kind not in KINDS:
-            raise SuiteError(file, f"{path}.kind",
-                             f"unknown sampler {self.kind!r}; known: {', '.join(KINDS)}")
+            problems.add(file, f"{path}.kind",
+                         f"unknown sampler {self.kind!r}; known: {', '.join(KINDS)}")
         if self.spacing not in SPACINGS:
-            raise SuiteError(file, f"{path}.spacing",
-                             f"unknown spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
-        if self.steps < 1:
-            raise SuiteError(file, f"{path}.steps", "must be >= 1")
-        if not 0.0 <= self.eta <= 1.0:
-            raise SuiteError(file, f"{path}.eta", "must be in [0, 1]")
+            problems.add(file, f"{path}.spacing",
+                         f"unknown spacing {self.spacing!r}; known: {', '.join(SPACINGS)}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            problems.add(file, f"{path}.steps", f"must be in [1, {MAX_STEPS}], got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:  # also rejects nan
+            problems.add(file, f"{path}.eta", f"must be in [0, 1], got {self.eta}")
+        problems.raise_any()
 
 
 @dataclass
@@ -96,6 +102,14 @@ class MethodEntry:
     calibration_trajectories: Optional[int] = None
     calibration_batch_size: Optional[int] = None
 
+    def check(self, path, file):
+        problems = Problems()
+        for name in ("calibration_trajectories", "calibration_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.add(file, f"{path}.{name}", f"must be >= 1, got {value}")
+        problems.raise_any()
+
 
 @dataclass
 class Grid:
@@ -106,14 +120,17 @@ class Grid:
     seeds: list[int] = field(default_factory=lambda: [0])
 
     def check(self, path, file):
+        # empty axes are checked by Suite.check: a suite without any [grid] has none either
+        problems = Problems()
         for i, label in enumerate(self.bits):
             try:
                 parse_bits(label)
             except PtqbenchError as exc:
-                raise SuiteError(file, f"{path}.bits[{i}]", str(exc)) from None
-        for axis in ("models", "samplers", "methods", "seeds"):
-            if not getattr(self, axis):
-                raise SuiteError(file, f"{path}.{axis}", "empty: the grid has no cells")
+                problems.add(file, f"{path}.bits[{i}]", str(exc))
+        for i, seed in enumerate(self.seeds):
+            if not 0 <= seed < 2**63:
+                problems.add(file, f"{path}.seeds[{i}]", f"must be in [0, 2**63), got {seed}")
+        problems.raise_any()
 
 
 @dataclass
@@ -133,18 +150,19 @@ class Evaluation:
     def check(self, path, file):
         from ..quant.fast import Execution
 
+        problems = Problems()
         try:
             Execution.from_options(self.execution, self.execution_options)
         except PtqbenchError as exc:
-            raise SuiteError(file, f"{path}.execution", str(exc)) from None
+            problems.add(file, f"{path}.execution", str(exc))
         if self.num_samples < 1:
-            raise SuiteError(file, f"{path}.num_samples", "must be >= 1")
+            problems.add(file, f"{path}.num_samples", "must be >= 1")
         if self.batch_size < 1:
-            raise SuiteError(file, f"{path}.batch_size", "must be >= 1")
-        unknown = sorted(set(self.metric_options) - set(self.metrics))
-        if unknown:
-            raise SuiteError(file, f"{path}.metric_options.{unknown[0]}",
-                             f"options for a metric that is not in {path}.metrics")
+            problems.add(file, f"{path}.batch_size", "must be >= 1")
+        for name in sorted(set(self.metric_options) - set(self.metrics)):
+            problems.add(file, f"{path}.metric_options.{name}",
+                         f"options for a metric that is not in {path}.metrics")
+        problems.raise_any()
 
 
 @dataclass
@@ -172,14 +190,19 @@ class Suite:
     downloads: dict[str, str] = field(default_factory=dict)
 
     def check(self, path, file):
+        problems = Problems()
+        for axis in ("models", "samplers", "methods", "seeds"):
+            if not getattr(self.grid, axis):
+                problems.add(file, f"grid.{axis}", "empty: the grid has no cells")
         for axis, table in (("models", self.models), ("samplers", self.samplers)):
             for i, name in enumerate(getattr(self.grid, axis)):
                 if name not in table:
                     known = ", ".join(sorted(table)) or "(none declared)"
-                    raise SuiteError(file, f"grid.{axis}[{i}]",
-                                     f"{name!r} is not declared under [{axis}]; declared: {known}")
+                    problems.add(file, f"grid.{axis}[{i}]",
+                                 f"{name!r} is not declared under [{axis}]; declared: {known}")
         for name, entry in self.models.items():
             for i, sampler in enumerate(entry.samplers):
                 if sampler not in self.samplers:
-                    raise SuiteError(file, f"models.{name}.samplers[{i}]",
-                                     f"{sampler!r} is not declared under [samplers]")
+                    problems.add(file, f"models.{name}.samplers[{i}]",
+                                 f"{sampler!r} is not declared under [samplers]")
+        problems.raise_any()
