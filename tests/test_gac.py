@@ -230,9 +230,12 @@ def test_meta_step_and_weights_do_not_synchronise(monkeypatch):
             for vectorize in (True, False):
                 for jacobian in ("linearise", "materialise"):
                     meta_gradient(ctx, ctx.params, w, idx, groups, 0.5, mode=mode,
-                                  vectorize=vectorize, jacobian=jacobian)
+                                  vectorize=vectorize, jacobian=jacobian,
+                                  inner_step="normalized")
         gw.weights(idx)
         gw.observe(1, idx, torch.rand(4), ctx)  # not a meta iteration
+        gw.observe(10, idx, torch.rand(4), ctx)  # a meta iteration: step, balance, SGD update
+        assert gw._done == 1
 
 
 def test_timestep_groups_are_adjacent_and_balanced():

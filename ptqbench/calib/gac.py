@@ -34,7 +34,11 @@ What is the paper's and what is ours:
     loss units would mix the two in a ratio set by the block's loss scale (and by
     ``loss_reduction``); d log L = dL / L is scale-free, and log has the same minimiser.
   * the inner step size eta is its own option (``inner_lr`` in the weighting), not the
-    reconstruction optimiser's Adam learning rate used as an SGD step.
+    reconstruction optimiser's Adam learning rate used as an SGD step; ``inner_step=
+    "normalized"`` makes eta the step's RMS size per parameter (as far as one Adam step of
+    learning rate eta moves each), whatever the block's gradient scale.
+  * (in the weighting) a per-block coefficient on L_GM (``gm_balance``), the logits updated
+    by SGD on each meta batch only; see :mod:`ptqbench_plugins.weightings.gradient_aligned`.
 
 Closed form of the meta-gradient (what :func:`meta_gradient` evaluates). theta' is linear in w
 and U does not depend on w, so dp_a/dw_B = -eta c U H_a U^T (H_a the Hessian of L_a at theta').
