@@ -260,3 +260,31 @@ def test_record_carries_the_gm_share_per_block():
     off.end_block(ctx)
     rec = off.state()["blocks"]["fake"]
     assert rec["gm_share"] == 0 and rec["cos_full_mse"] == pytest.approx(1.0)
+
+
+def test_a_non_finite_meta_gradient_never_reaches_the_weights(monkeypatch):
+    """A meta step whose gradient overflowed (seen on conv_in on the GPU: every weight became
+    NaN and the quantized model with it) is skipped and counted; the weights stay finite."""
+    import ptqbench_plugins.weightings.gradient_aligned as ga
+
+    real = ga.meta_gradient
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        res = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            res.grad_mse = res.grad_mse * float("nan")
+            res.grad_w = res.grad_w * float("nan")
+        return res
+
+    monkeypatch.setattr(ga, "meta_gradient", sometimes_nan)
+    _, ctx, calib, val = make_problem(n=48)
+    gw = GradientAligned(meta_batch_size=16, cuda_graph=False)
+    gw.prepare(calib, val, CTX)
+    gw.begin_block(ctx)
+    gw.end_block(ctx)
+    rec = gw.state()["blocks"]["fake"]
+    assert calls["n"] == 3 and rec["meta_steps_not_finite"] == 1
+    w = gw.weights(torch.arange(48))
+    assert torch.isfinite(w).all() and abs(float(w.mean()) - 1) < 1e-5

@@ -290,6 +290,7 @@ class GradientAligned(Weighting):
         self._beta = None
         self._meta_seconds = 0.0
         self._trace: list[tuple[torch.Tensor, ...]] = []  # per meta step, on the device
+        self._skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps
         self._val_batches = self._draw_val_batches(device)
         self._use_graph = device.type == "cuda" and self.cuda_graph in ("auto", True)
         small = jacobian_bytes(ctx.params, self._bs) <= self.jacobian_max_mb * 2 ** 20
@@ -362,9 +363,16 @@ class GradientAligned(Weighting):
         grad_w = res.grad_w
         if self.gm_balance:
             if self._beta is None:  # on the device: no host sync in the meta loop
-                self._beta = torch.where(raw_share > 0, self.gm_weight / raw_share,
+                usable = torch.isfinite(raw_share) & (raw_share > 0)
+                self._beta = torch.where(usable, self.gm_weight / raw_share,
                                          torch.zeros_like(raw_share))
             grad_w = res.grad_mse + self._beta * res.grad_gm
+        # A meta-gradient that is not finite (an inner step or group loss that overflowed, seen
+        # on conv_in on the GPU) must not reach the logits: one NaN there makes every weight
+        # NaN. Such a step counts as an equal meta-gradient (no update) and is recorded.
+        finite = torch.isfinite(grad_w).all()
+        self._skipped += (~finite).long()
+        grad_w = torch.where(finite, grad_w, torch.zeros_like(grad_w))
         if self.meta_optimizer == "adam":
             self._adam_step(w, idx, grad_w)
         else:
@@ -459,6 +467,7 @@ class GradientAligned(Weighting):
         shares = sorted(t[2] for t in trace)
         self._blocks[ctx.block.name] = {
             "meta_steps": self._done, "meta_batch_size": self._bs, "inner_lr": self._eta,
+            "meta_steps_not_finite": int(self._skipped),
             "groups": len(self._groups),
             "cuda_graph": (None if self._graphed is None else
                            self._graphed.failed or ("replayed" if self._graphed.graph
