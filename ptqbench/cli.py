@@ -185,13 +185,14 @@ def plugins(suite, plain):
     Console(width=max(Console().width, 160)).print(table)
 
 
-def _add_diagnose() -> None:
-    from .calib.diagnose_cli import diagnose
+def _add_commands() -> None:
+    """Commands that live in modules of their own (ptqbench/commands/)."""
+    from .commands.diagnose import diagnose
 
     cli.add_command(diagnose)
 
 
-_add_diagnose()
+_add_commands()
 
 
 def main():

@@ -7,11 +7,10 @@ from typing import Optional
 
 from ..environment import code_identity
 from ..errors import PtqbenchError
-from ..registry import Registry, default_registry
-from ..store import Store
-from ..suite.expand import Cell, expand
-from ..suite.loader import LoadedSuite, check_plugins, load_suite
+from ..registry import Registry
+from ..suite.expand import Cell
 from .cell import CellRunner
+from .setup import make_runner, prepare  # noqa: F401  (prepare: also this module's API)
 from .worker import CellJob
 
 
@@ -24,18 +23,6 @@ class RunSummary:
     ok: list[Cell] = field(default_factory=list)
     failed: list[Cell] = field(default_factory=list)
     output: Optional[Path] = None
-
-
-def prepare(suite_path=None, registry: Optional[Registry] = None
-            ) -> tuple[LoadedSuite, Registry, list[Cell]]:
-    """Load and check a suite; every user error surfaces here, before any work starts."""
-    loaded = load_suite(suite_path)
-    if registry is None:
-        registry = default_registry()
-    for f in loaded.plugin_files:
-        registry.load_file(f)
-    check_plugins(loaded, registry)
-    return loaded, registry, expand(loaded)
 
 
 def select_cells(cells: list[Cell], models=(), bits=(), methods=(), keys=()) -> list[Cell]:
@@ -64,13 +51,6 @@ def select_cells(cells: list[Cell], models=(), bits=(), methods=(), keys=()) -> 
     keep = {c.key for c in chosen}
     pairs = {c.fp_gen_key for c in chosen if not c.is_fp}
     return [c for c in cells if c.key in keep or (c.is_fp and c.gen_key in pairs)]
-
-
-def make_runner(loaded: LoadedSuite, registry: Registry, output: Optional[str | Path] = None,
-                reporter=None) -> CellRunner:
-    out = Path(output or loaded.suite.suite.output)
-    cache = Path(loaded.suite.run.cache_dir) if loaded.suite.run.cache_dir else out / "cache"
-    return CellRunner(loaded, registry, Store(out), cache, reporter)
 
 
 class CellDispatch:

@@ -41,7 +41,7 @@ def run_cell(job: CellJob, cell_key: str, device: str) -> dict:
     """Run the cell ``cell_key`` of ``job`` on ``device`` in this process; returns its record."""
     if job not in _runners:
         from ..progress import Reporter
-        from .runner import make_runner, prepare
+        from .setup import make_runner, prepare
 
         loaded, registry, cells = prepare(job.suite_file)
         reporter = Reporter(enabled=False, prefix=f"[{os.environ.get('PTQBENCH_WORKER', device)}] ")
