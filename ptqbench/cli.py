@@ -187,8 +187,10 @@ def plugins(suite, plain):
 
 def _add_commands() -> None:
     """Commands that live in modules of their own (ptqbench/commands/)."""
+    from .commands.check import check
     from .commands.diagnose import diagnose
 
+    cli.add_command(check)
     cli.add_command(diagnose)
 
 
