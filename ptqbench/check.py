@@ -133,6 +133,8 @@ class CheckResult:
     identical: list[Ident] = field(default_factory=list)
     compared_cells: int = 0
     code_changed: bool = False
+    #: how this run's numerics differ from the baseline's (device, platform, threads, torch)
+    numerics_changed: list[str] = field(default_factory=list)
 
     @property
     def regressions(self) -> list[MetricCheck]:
@@ -153,7 +155,10 @@ def compare(baseline: Snapshot, current: Snapshot, slack: Optional[dict[str, Sla
     compared record fields or samples differ from the baseline fails (deterministic runs)."""
     slack = slack or {}
     out = CheckResult(code_changed=bool(baseline.code) and bool(current.code)
-                      and baseline.code != current.code)
+                      and baseline.code != current.code,
+                      numerics_changed=numerics_changes(baseline, current))
+    # same code, same numerics: a cell that is not bit-identical is worth a word even unasked
+    expect_exact = exact or not (out.code_changed or out.numerics_changed)
     for ident in sorted(set(baseline.cells) | set(current.cells), key=_order):
         base, cur = baseline.cells.get(ident), current.cells.get(ident)
         if cur is None:
@@ -173,9 +178,9 @@ def compare(baseline: Snapshot, current: Snapshot, slack: Optional[dict[str, Sla
                                       f"differs (e.g. a changed default)"))
         if _identical(base, cur):
             out.identical.append(ident)
-        elif exact:
+        elif expect_exact:
             out.notes.append(CellNote(ident, "not reproduced", _what_differs(base, cur),
-                                      failure=True))
+                                      failure=exact))
         for metric in base.metrics:
             if _value(base.metrics[metric]) is None and _value(cur.metrics.get(metric)) is None:
                 continue  # e.g. the FP cell's PSNR against itself: nothing to compare
@@ -183,6 +188,18 @@ def compare(baseline: Snapshot, current: Snapshot, slack: Optional[dict[str, Sla
                                               slack.get(metric, slack.get("*", Slack()))))
         for metric in sorted(set(cur.metrics) - set(base.metrics)):
             out.notes.append(CellNote(ident, "new metric", metric))
+    return out
+
+
+def numerics_changes(baseline: Snapshot, current: Snapshot) -> list[str]:
+    """What differs between the two runs' numerics (each only where both sides recorded it)."""
+    out = []
+    pairs = [(k, baseline.numerics.get(k), current.numerics.get(k))
+             for k in ("device", "platform", "torch_threads")]
+    pairs += [(k, baseline.versions.get(k), current.versions.get(k)) for k in ("torch",)]
+    for k, b, c in pairs:
+        if b is not None and c is not None and b != c:
+            out.append(f"{k} {b} -> {c}")
     return out
 
 

@@ -20,6 +20,17 @@ def verdict_line(result: CheckResult) -> str:
     return ("PASSED" if result.passed else "FAILED") + ": " + ", ".join(counts)
 
 
+def context_lines(result: CheckResult) -> list[str]:
+    """Why results may legitimately differ from the baseline's bits."""
+    out = []
+    if result.code_changed:
+        out.append("the ptqbench/plugin sources differ from the baseline's (records' 'code')")
+    if result.numerics_changed:
+        out.append("numerics differ from the baseline's (" + "; ".join(result.numerics_changed)
+                   + "): bit-identical results are not expected")
+    return out
+
+
 def rows(result: CheckResult, only_failing: bool = False, short: bool = False
          ) -> list[list[str]]:
     """Formatted rows; ``short`` leaves out the model and sampler when every row has the same."""
@@ -55,9 +66,8 @@ def print_rich(result: CheckResult, console=None, title: Optional[str] = None) -
         style = "bold red" if note.failure else "yellow"
         console.print(f"{note.what}: {_cell(note.ident)}: {note.detail}", style=style,
                       highlight=False)
-    if result.code_changed:
-        console.print("the ptqbench/plugin sources differ from the baseline's (records' 'code')",
-                      style="dim")
+    for line in context_lines(result):
+        console.print(line, style="dim", highlight=False)
     console.print(verdict_line(result), style="bold green" if result.passed else "bold red",
                   highlight=False)
 
@@ -73,6 +83,8 @@ def to_markdown(result: CheckResult, title: str = "ptqbench check", baseline: st
         lines += ["### Cells", ""]
         lines += [f"- {'**' + n.what + '**' if n.failure else n.what}: {_cell(n.ident)}: "
                   f"{n.detail}" for n in result.notes] + [""]
+    if context_lines(result):
+        lines += [line + "  " for line in context_lines(result)] + [""]
     if result.metrics:
         lines += ["<details><summary>every compared metric</summary>", ""]
         lines += _table(rows(result)) + ["", "</details>", ""]

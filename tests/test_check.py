@@ -113,7 +113,9 @@ def test_cells_missing_new_failed_and_changed():
     res = compare(base, cur)
     what = {(n.what, n.ident): n.failure for n in res.notes}
     assert what == {("missing", other): True, ("new", new): False, ("failed", fp): True,
-                    ("config changed", IDENT): False}
+                    ("config changed", IDENT): False,
+                    # same code and numerics (none recorded here), other bits: said, not failed
+                    ("not reproduced", IDENT): False}
     assert not res.passed and res.regressions == [] and res.identical == []
     assert compare(base, cur, allow_missing=True).failures[0].what == "failed"
     # exact: the same values from different record fields (fingerprints) fail
@@ -123,6 +125,14 @@ def test_cells_missing_new_failed_and_changed():
     assert not res.passed and res.failures[0].what == "not reproduced"
     text = to_markdown(res, baseline="b.json")
     assert "**FAILED**" in text and "not reproduced" in text and "b.json" in text
+    # other numerics or other code: differing bits are expected and not mentioned
+    moved = Snapshot(cells={IDENT: cell({"fid": fid(10.0)}, fp="g")}, numerics={"device": "cuda"},
+                     versions={"torch": "2.15"})
+    res = compare(Snapshot(cells=one.cells, numerics={"device": "cpu"},
+                           versions={"torch": "2.14"}), moved)
+    assert res.passed and res.notes == []
+    assert res.numerics_changed == ["device cpu -> cuda", "torch 2.14 -> 2.15"]
+    assert "bit-identical results are not expected" in to_markdown(res)
 
 
 def test_baseline_round_trip_keeps_per_sample_values_and_slack(tmp_path):
@@ -175,3 +185,49 @@ def test_compared_record_fields():
     other_run["reconstruction"]["blocks"][0]["loss"][0][1] = 1.5000000001
     assert fingerprint(other_run) != fingerprint(record)
     assert differences(record, other_run) == ["reconstruction.blocks[0].loss[0][1]"]
+
+
+def write_results(root, mse_w4=0.02, finished="2026-01-01T00:00:00"):
+    """A results folder of three cells with CI'd paired MSE and no samples (intervals decide)."""
+    from ptqbench.store import Store
+
+    store = Store(root)
+    for bits, method, value in (("FP", "fp", 0.0), ("W8A8", "rtn", 0.001),
+                                ("W4A8", "rtn", mse_w4)):
+        rec = {"key": f"{bits}-{method}", "status": "ok", "finished": finished,
+               "cell": {"model": "m", "sampler": "s", "bits": bits, "method": method, "seed": 0},
+               "metrics": {"paired_mse": {"value": value, "ci": [0.9 * value, 1.1 * value],
+                                          "higher_is_better": False, "n": 64}},
+               "host": {"device": "cpu"}, "versions": {"torch": "2.14.1"}}
+        store.write_record(rec["key"], rec)
+    return root
+
+
+def test_check_command_on_a_results_folder(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ptqbench.cli import cli
+
+    def check(*args, env=None):
+        return CliRunner().invoke(cli, ["check", *map(str, args)], env=env)
+
+    res = write_results(tmp_path / "res")
+    baseline = tmp_path / "b.json"
+    assert "needs --baseline FILE" in check(res).output
+    assert "neither a suite file nor a results folder" in check(tmp_path / "nope").output
+    assert "--slack 'fid'" in check(res, "--baseline", baseline, "--slack", "fid").output
+    assert "baseline not found" in check(res, "--baseline", baseline).output
+    assert check(res, "--baseline", baseline, "--update-baseline").exit_code == 0
+    summary = tmp_path / "step_summary.md"
+    ok = check(res, "--baseline", baseline, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert ok.exit_code == 0, ok.output
+    assert "PASSED: 3 cells compared, 3 identical" in ok.output
+    # W4A8 worse by 25%: 0.005 > hypot(0.002, 0.0025) = 0.0032
+    write_results(tmp_path / "res", mse_w4=0.025, finished="2026-01-02T00:00:00")
+    bad = check(res, "--baseline", baseline, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert bad.exit_code == 1 and "regressed" in bad.output and "FAILED" in bad.output
+    text = summary.read_text()  # appended, as GitHub expects of every step
+    assert text.count("## ptqbench check") == 2 and "**FAILED**" in text
+    assert "W4A8 rtn seed 0 | paired_mse | 0.02 | 0.025 | +0.005 (+25%) | 0.0032" in text
+    # a slack of 30% (here on every metric) lets it pass
+    assert check(res, "--baseline", baseline, "--slack", "*=30%").exit_code == 0
