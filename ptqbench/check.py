@@ -178,7 +178,7 @@ def compare(baseline: Snapshot, current: Snapshot, slack: Optional[dict[str, Sla
                                       f"differs (e.g. a changed default)"))
         if _identical(base, cur):
             out.identical.append(ident)
-        elif expect_exact:
+        elif exact or (expect_exact and base.key == cur.key):
             out.notes.append(CellNote(ident, "not reproduced", _what_differs(base, cur),
                                       failure=exact))
         for metric in base.metrics:
