@@ -222,13 +222,16 @@ def plugins(suite, plain):
     Console(width=max(Console().width, 160)).print(table)
 
 
-def _add_diagnose() -> None:
-    from .calib.diagnose_cli import diagnose
+def _add_commands() -> None:
+    """Commands that live in modules of their own (ptqbench/commands/)."""
+    from .commands.check import check
+    from .commands.diagnose import diagnose
 
+    cli.add_command(check)
     cli.add_command(diagnose)
 
 
-_add_diagnose()
+_add_commands()
 
 
 def _add_status() -> None:

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from torch.func import functional_call
 
-from ptqbench.calib.diagnose_cli import diagnose
+from ptqbench.commands.diagnose import diagnose
 from ptqbench.calib.diagnostics import (BlockProbe, DiagnosisDone, gradient_conflict,
                                         sample_alignment, loss_gradient, weight_alignment,
                                         weights_by_step, write_conflict, write_weights)

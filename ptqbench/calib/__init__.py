@@ -5,8 +5,7 @@
 - :mod:`.tdac`          EDA-DM's density/diversity step scores and sample allocation
 - :mod:`.gac`           the bilevel math of gradient-aligned calibration (GAC)
 - :mod:`.diagnostics`   gradient conflict across timesteps, learned-weight analysis, probe
-- :mod:`.diagnose_cli`  the ``ptqbench diagnose`` command
-- :mod:`.bench`         cost of these stages on a real model (GPU)
+- :mod:`.diagnose`      one block's diagnosis inside a cell's real run (``ptqbench diagnose``)
 - :mod:`.testing`       tiny deterministic blocks and models for tests
 
 The plugins themselves live in ``plugins/selectors`` and ``plugins/weightings``.

@@ -10,12 +10,10 @@ from rich.markup import escape
 from .. import numerics
 from ..environment import code_identity
 from ..errors import PtqbenchError
-from ..registry import Registry, default_registry
-from ..store import Store
-from ..suite.expand import Cell, expand
-from ..suite.loader import LoadedSuite, load_suite
-from ..suite.preflight import preflight
+from ..registry import Registry
+from ..suite.expand import Cell
 from .cell import CellRunner
+from .setup import make_runner, prepare  # noqa: F401  (prepare: also this module's API)
 from .worker import CellJob
 
 
@@ -30,19 +28,6 @@ class RunSummary:
     #: cells handed to a batch system that runs them after this command returns (slurm, wait=false)
     submitted: list[Cell] = field(default_factory=list)
     output: Optional[Path] = None
-
-
-def prepare(suite_path=None, registry: Optional[Registry] = None,
-            output: Optional[str | Path] = None, writable: Optional[dict] = None
-            ) -> tuple[LoadedSuite, Registry, list[Cell]]:
-    """Load and check a suite; every user error surfaces here, before any work starts, all
-    problems of a suite together (see :mod:`ptqbench.suite.preflight`). ``output`` overrides
-    the suite's results folder (checked for writing); ``writable``: more folders to check."""
-    loaded = load_suite(suite_path, defer=True)
-    if registry is None:
-        registry = default_registry()
-    preflight(loaded, registry, output=output, writable=writable)
-    return loaded, registry, expand(loaded)
 
 
 def select_cells(cells: list[Cell], models=(), bits=(), methods=(), keys=()) -> list[Cell]:
@@ -71,13 +56,6 @@ def select_cells(cells: list[Cell], models=(), bits=(), methods=(), keys=()) -> 
     keep = {c.key for c in chosen}
     pairs = {c.fp_gen_key for c in chosen if not c.is_fp}
     return [c for c in cells if c.key in keep or (c.is_fp and c.gen_key in pairs)]
-
-
-def make_runner(loaded: LoadedSuite, registry: Registry, output: Optional[str | Path] = None,
-                reporter=None) -> CellRunner:
-    out = Path(output or loaded.suite.suite.output)
-    cache = Path(loaded.suite.run.cache_dir) if loaded.suite.run.cache_dir else out / "cache"
-    return CellRunner(loaded, registry, Store(out), cache, reporter)
 
 
 class CellDispatch:

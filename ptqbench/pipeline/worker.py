@@ -48,7 +48,7 @@ def runner_for(job: CellJob, cell_key: str, device: str):
     """This process's runner of ``job`` (built once, kept with its loaded models) and the cell."""
     if job not in _runners:
         from ..progress import Reporter
-        from .runner import make_runner, prepare
+        from .setup import make_runner, prepare
 
         loaded, registry, cells = prepare(job.suite_file, output=job.output)
         if job.deterministic is not None:

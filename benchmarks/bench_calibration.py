@@ -1,7 +1,11 @@
+#!/usr/bin/env python
 """Cost of the calibration-data stages on a real model (run on the GPU machine).
 
-    python -m ptqbench.calib.bench MODEL_DIR [--device cuda] [--blocks 4] [--json out.json]
-        [--variant NAME:key=value,key=value ...]
+    python benchmarks/bench_calibration.py MODEL_DIR [--device cuda] [--blocks 4]
+        [--json out.json] [--variant NAME:key=value,key=value ...]
+
+(or ``python -m benchmarks.bench_calibration ...`` from the repository root; it was
+``python -m ptqbench.calib.bench`` before it moved out of the package)
 
 1. records FP trajectories for uniform-steps 20 x 256 + a 5 % validation set (DDIM 100 quad
    steps, as Q-Diffusion on CIFAR-10), then loads them again (cache hit);
@@ -17,14 +21,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..interfaces import RunContext
-from ..sampling import SamplerSpec
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+try:  # installed: plugins/ is the package ptqbench_plugins; from a bare checkout: alias it
+    import ptqbench_plugins  # noqa: F401
+except ImportError:
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "ptqbench_plugins", REPO / "plugins" / "__init__.py",
+        submodule_search_locations=[str(REPO / "plugins")])
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["ptqbench_plugins"] = _mod
+    _spec.loader.exec_module(_mod)
+
+from ptqbench.calib.trajectories import get_trajectories  # noqa: E402
+from ptqbench.interfaces import RunContext  # noqa: E402
+from ptqbench.quant import QuantRecipe, calibrate_activation_ranges, quantize_model  # noqa: E402
+from ptqbench.sampling import SamplerSpec  # noqa: E402
 
 
 class _Stop(Exception):
@@ -123,12 +145,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from ..quant import QuantRecipe, calibrate_activation_ranges, quantize_model
     from ptqbench_plugins.models.diffusers_unet import DiffusersUNet
     from ptqbench_plugins.reconstructors.brecq import BRECQ
     from ptqbench_plugins.selectors.uniform_steps import UniformSteps
     from ptqbench_plugins.weightings.gradient_aligned import GradientAligned
-    from .trajectories import get_trajectories
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:  # the block caches compare devices
