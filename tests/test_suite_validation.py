@@ -143,7 +143,7 @@ def test_readme_suite_example_is_valid(tmp_path):
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## Suites"):readme.index("## Metrics")]
-    (block,) = re.findall(r"```toml\n(.*?)```", section, re.S)
+    block = re.findall(r"```toml\n(.*?)```", section, re.S)[0]  # the suite example comes first
     (tmp_path / "base.toml").write_text("")
     (tmp_path / "my_weighting.py").write_text("")
     (tmp_path / "data" / "cifar10").mkdir(parents=True)  # the metrics' reference must exist
@@ -233,7 +233,7 @@ EXTRA = "\n[methods.x]\npreset = \"rtn\"\n"
     ('[evaluation]', '[methods.rtn]\npreset = "rtn"\ncalibration_batch_size = 0\n[evaluation]',
      "methods.rtn.calibration_batch_size", "must be >= 1, got 0"),
     # unknown names
-    ('steps = 5', 'steps = 5\nkind = "ddpm"', "samplers.s.kind", "unknown sampler 'ddpm'"),
+    ('steps = 5', 'steps = 5\nkind = "euler"', "samplers.s.kind", "unknown sampler 'euler'"),
     ('[evaluation]', '[run]\nexecutor = "nope"\n[evaluation]', "run.executor",
      "unknown executor plugin 'nope'"),
     ('batch_size = 4', 'batch_size = 4\nmetrics = ["nope"]', "evaluation.metrics[0]",
