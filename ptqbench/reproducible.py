@@ -36,7 +36,8 @@ COMPARED_FIELDS = ("key", "cell", "config", "gen_key", "fp_gen_key", "quant_key"
                    "weighting_state")
 #: keys dropped wherever they occur inside the compared fields: clocks, throughput, memory,
 #: resume bookkeeping, tracebacks
-VOLATILE_KEY = re.compile(r"^(seconds|resumed|traceback)$|_seconds$|_per_s$|^peak_|^cache_bytes_")
+VOLATILE_KEY = re.compile(r"^(seconds|resumed|traceback)$|_seconds$|_per_s$|^peak_|_peak_bytes$|"
+                          r"_peak_rss_bytes$|^cache_bytes_")
 #: (field, key) pairs that name local paths
 LOCAL_PATHS = (("model_identity", "path"),)
 
