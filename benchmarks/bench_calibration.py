@@ -28,20 +28,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-try:  # installed: plugins/ is the package ptqbench_plugins; from a bare checkout: alias it
-    import ptqbench_plugins  # noqa: F401
-except ImportError:
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location(
-        "ptqbench_plugins", REPO / "plugins" / "__init__.py",
-        submodule_search_locations=[str(REPO / "plugins")])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["ptqbench_plugins"] = _mod
-    _spec.loader.exec_module(_mod)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout  # noqa: E402,F401  (a bare checkout works too: see checkout.py)
 
 from ptqbench.calib.trajectories import get_trajectories  # noqa: E402
 from ptqbench.interfaces import RunContext  # noqa: E402

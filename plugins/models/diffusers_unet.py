@@ -116,41 +116,10 @@ class DiffusersUNet(ModelAdapter):
 
     def blocks(self, model: nn.Module) -> list[Block]:
         """ResNet and attention blocks in forward order; loose layers (conv_in, samplers, time
-        embedding, conv_out) as single-layer units."""
-        out: list[Block] = []
+        embedding, conv_out) as single-layer units (the listing every diffusers UNet shares)."""
+        from ptqbench.conditioned import unet_blocks
 
-        def add(name, module, kind):
-            if module is not None:
-                out.append(Block(name, module, kind))
-
-        add("time_embedding", getattr(model, "time_embedding", None), "layer")
-        add("conv_in", model.conv_in, "layer")
-        for i, down in enumerate(model.down_blocks):
-            attns = getattr(down, "attentions", None) or []
-            for j, res in enumerate(down.resnets):
-                add(f"down_blocks.{i}.resnets.{j}", res, "resnet")
-                if j < len(attns):
-                    add(f"down_blocks.{i}.attentions.{j}", attns[j], "attention")
-            for j, ds in enumerate(getattr(down, "downsamplers", None) or []):
-                add(f"down_blocks.{i}.downsamplers.{j}", ds, "layer")
-        mid = model.mid_block
-        if mid is not None:
-            attns = getattr(mid, "attentions", None) or []
-            add("mid_block.resnets.0", mid.resnets[0], "resnet")
-            for j, res in enumerate(mid.resnets[1:]):
-                if j < len(attns) and attns[j] is not None:
-                    add(f"mid_block.attentions.{j}", attns[j], "attention")
-                add(f"mid_block.resnets.{j + 1}", res, "resnet")
-        for i, up in enumerate(model.up_blocks):
-            attns = getattr(up, "attentions", None) or []
-            for j, res in enumerate(up.resnets):
-                add(f"up_blocks.{i}.resnets.{j}", res, "resnet")
-                if j < len(attns):
-                    add(f"up_blocks.{i}.attentions.{j}", attns[j], "attention")
-            for j, us in enumerate(getattr(up, "upsamplers", None) or []):
-                add(f"up_blocks.{i}.upsamplers.{j}", us, "layer")
-        add("conv_out", model.conv_out, "layer")
-        return out
+        return unet_blocks(model)
 
     def identity(self) -> dict:
         # hashed once per adapter: it is asked for by every cell and cache key, and the adapter

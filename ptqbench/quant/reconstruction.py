@@ -408,9 +408,8 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, weighting: Weighting, cf
                 if cfg.act_reinit == "after_weights":
                     _reinit_act_ranges(runner, calib, stream, split.train.to(calib.step.device),
                                        meta["recipe"], seed + 1000 + pi)
-            result, before, after = _run_phase(runner, caches, stream, weighting, cfg, device,
-                                               phase, pw, pa, iters, seed + pi, split)
-            entry["phases"].append(result)
+            entry["phases"].append(_run_phase(runner, caches, stream, weighting, cfg, device,
+                                              phase, pw, pa, iters, seed + pi, split))
     finally:
         for q, enabled in act_enabled:
             q.enabled = enabled
@@ -424,15 +423,19 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, weighting: Weighting, cf
 
 def _run_phase(runner: UnitRunner, caches: dict, stream: str, weighting: Weighting,
                cfg: ReconConfig, device: torch.device, phase: str, wqs: list, aqs: list,
-               iters: int, seed: int, split: _Split):
+               iters: int, seed: int, split: _Split) -> dict:
     """One phase with its held-out MSE before and after (the unit's activation quantizers as
     the phase uses them); an activation phase that raised it is undone (``keep_better``)."""
     calib = caches["calib"]
     act_on = phase != "weights"
     states = [(q, q.enabled) for q in runner.act_quantizers]
-    for q in runner.act_quantizers:
-        q.enabled = act_on and q.enabled
-    before = _eval_mse(runner, calib, stream, split.eval)
+
+    def held_out_mse() -> Optional[float]:  # with the unit's quantizers as the phase uses them
+        for q, enabled in states:
+            q.enabled = act_on and enabled
+        return _eval_mse(runner, calib, stream, split.eval)
+
+    before = held_out_mse()
     for q, enabled in states:
         q.enabled = enabled
     initial = [(q, q.scale.detach().clone()) for q in aqs]
@@ -443,9 +446,7 @@ def _run_phase(runner: UnitRunner, caches: dict, stream: str, weighting: Weighti
             wq.fold()
         for layer in runner.layers:
             layer.clear_cache()
-    for q in runner.act_quantizers:
-        q.enabled = act_on and q.enabled
-    after = _eval_mse(runner, calib, stream, split.eval)
+    after = held_out_mse()
     result.update(stream=stream, holdout_mse_before=before, holdout_mse_after=after)
     if phase == "activations" and aqs:
         kept = "learned"
@@ -458,7 +459,7 @@ def _run_phase(runner: UnitRunner, caches: dict, stream: str, weighting: Weighti
         result["kept"] = kept
     for q, enabled in states:
         q.enabled = enabled
-    return result, before, after
+    return result
 
 
 def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weighting,
