@@ -27,7 +27,8 @@ class Dying(UniformSteps):
     name = "dying"
     description = "kills its own process, to test that a dead worker fails only its cell"
     def select(self, trajectories, generator, context):
-        os._exit(3)
+        import ctypes
+        ctypes.string_at(0)  # a segfault, as a broken native kernel would cause
 
 @hookimpl
 def register_selectors(register):
@@ -78,6 +79,10 @@ def test_a_dead_worker_fails_only_its_cell(tmp_path, tiny_model_dir):
     recs = {r["cell"]["method"]: r for r in records(out)}
     assert recs["dies"]["status"] == "failed"
     assert recs["dies"]["error"]["type"] == "WorkerDied"
+    # what killed it is on record: the signal, and the Python stack from the fault log
+    message = recs["dies"]["error"]["message"]
+    assert "exit code -11 (SIGSEGV)" in message, message
+    assert "Segmentation fault" in message and "in select" in message, message
     assert recs["rtn"]["status"] == "ok" and recs["fp"]["status"] == "ok"
 
 

@@ -22,7 +22,7 @@ import torch
 from ptqbench import Executor, hookimpl
 from ptqbench.errors import PtqbenchError
 from ptqbench.pipeline.tasks import parse_shards, plan, run_task_in_worker
-from ptqbench.pipeline.worker import init_worker
+from ptqbench.pipeline.worker import death_report, init_worker
 
 
 class MultiGPUExecutor(Executor):
@@ -87,6 +87,7 @@ class MultiGPUExecutor(Executor):
         def feed(index, device):
             # one thread per device feeds its worker process one task at a time
             label = f"{device}" if len(set(self._devices)) == len(self._devices) else f"worker {index}"
+            fault_log = os.path.join(str(run_one.job.output), "logs", f"worker-{index}.fault")
             pool = None
             try:
                 while (task := next_task()) is not None:
@@ -94,7 +95,7 @@ class MultiGPUExecutor(Executor):
                         if pool is None:
                             pool = ProcessPoolExecutor(
                                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=init_worker, initargs=(str(device), threads_each, label))
+                                initializer=init_worker, initargs=(str(device), threads_each, label, fault_log))
                         cell = by_key[task.key]
                         if task.runs_cell:
                             run_one.started(cell, label)
@@ -106,7 +107,8 @@ class MultiGPUExecutor(Executor):
                         except BrokenProcessPool as exc:
                             if task.runs_cell:  # a dead shard is resampled by its finish task
                                 run_one.crashed(cell, device, f"the worker process on {label} "
-                                                              f"died while running this cell ({exc})")
+                                                              f"died while running this cell ({exc}"
+                                                              f"; {death_report(pool, fault_log)})")
                             pool.shutdown(wait=False, cancel_futures=True)
                             pool = None
                             continue

@@ -8,8 +8,10 @@ its own CUDA-graph captures, so parallel cells cannot disturb each other.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,9 +29,16 @@ class CellJob:
 _runners: dict = {}  # per process: job -> (CellRunner, {cell key: Cell})
 
 
-def init_worker(device: str, threads: Optional[int] = None, label: Optional[str] = None) -> None:
-    """Process initialiser: die with the parent, pin the GPU, share the CPU cores fairly."""
+def init_worker(device: str, threads: Optional[int] = None, label: Optional[str] = None,
+                fault_log: Optional[str] = None) -> None:
+    """Process initialiser: die with the parent, pin the GPU, share the CPU cores fairly, and
+    (``fault_log``) have a fatal signal (a segfault in a native kernel, an abort) write every
+    thread's Python traceback there: a dead worker otherwise leaves nothing to go on."""
     _die_with_parent()
+    if fault_log:
+        Path(fault_log).parent.mkdir(parents=True, exist_ok=True)
+        # kept open for the process's life: faulthandler writes to the descriptor at the crash
+        faulthandler.enable(file=open(fault_log, "w"), all_threads=True)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -71,3 +80,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def death_report(pool, fault_log: Optional[str]) -> str:
+    """What is known about a worker process that died: its exit code (a negative one is the
+    signal that killed it: -9 is SIGKILL, often the kernel's out-of-memory killer; -11 a
+    segfault) and the end of its fault log."""
+    parts = []
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # private: no other source
+        proc.join(timeout=10)  # the pool reports the death before it has reaped the process
+        code = proc.exitcode
+        if code is not None and code != 0:
+            name = ""
+            if code < 0:
+                try:
+                    name = f" ({signal.Signals(-code).name})"
+                except ValueError:
+                    pass
+            parts.append(f"exit code {code}{name}")
+    if fault_log and Path(fault_log).is_file():
+        # the stack, not the list of loaded extension modules that follows it
+        text = Path(fault_log).read_text(errors="replace").split("\nExtension modules:")[0]
+        if text.strip():
+            parts.append(f"fault log {fault_log}:\n{text.strip()[:2000]}")
+    return "; ".join(parts) or "no exit code or fault log was left"
