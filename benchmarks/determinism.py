@@ -23,12 +23,11 @@ from ptqbench.reproducible import differences
 CALIB_STAGES = ("trajectories", "select", "quantize", "reconstruct")
 
 
-def run_once(suite: str, keys: list[str], out: Path, deterministic: bool
+def run_once(suite: str, select: dict, out: Path, deterministic: bool
              ) -> tuple[dict[str, dict], float]:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = run_suite(suite, output=out, select={"keys": keys} if keys else None,
-                        deterministic=deterministic)
+    summary = run_suite(suite, output=out, select=select or None, deterministic=deterministic)
     seconds = time.perf_counter() - t0
     records = {c.key: json.loads((out / "records" / f"{c.key}.json").read_text())
                for c in summary.cells}
@@ -41,14 +40,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cell", action="append", default=[],
                     help="key prefix of a cell (see ptqbench run --dry-run); repeatable; "
                          "default: every cell of the suite")
+    ap.add_argument("--method", action="append", default=[],
+                    help="only this method's cells (and their FP cells); repeatable")
     ap.add_argument("-o", "--out", default="/tmp/ptq-determinism")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     _, _, cells = prepare(args.suite)
-    chosen = select_cells(cells, keys=args.cell) if args.cell else cells
+    select = {k: v for k, v in (("keys", args.cell), ("methods", args.method)) if v}
+    chosen = select_cells(cells, **select) if select else cells
     root = Path(args.out)
     runs = [("deterministic #1", True), ("deterministic #2", True), ("default", False)]
-    results = [(label,) + run_once(args.suite, args.cell, root / f"run{i}", det)
+    results = [(label,) + run_once(args.suite, select, root / f"run{i}", det)
                for i, (label, det) in enumerate(runs)]
     report, identical = [], True
     print(f"{'cell':44s} {'run':17s} {'status':7s} {'calib s':>8s} {'sample s':>9s}  paired_mse")

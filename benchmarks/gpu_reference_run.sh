@@ -5,11 +5,15 @@
 #   bash benchmarks/gpu_reference_run.sh smoke        # GPU unit tests (no data needed)
 #   bash benchmarks/gpu_reference_run.sh determinism-tiny   # deterministic records on CUDA, tiny model
 #   bash benchmarks/gpu_reference_run.sh evidence SECONDS   # suites/cifar10-s.toml, resumable
-#   bash benchmarks/gpu_reference_run.sh determinism SECONDS  # cifar10 cells twice + default; cost
+#   bash benchmarks/gpu_reference_run.sh determinism SECONDS [--method M ...]  # cells twice + default
+#   bash benchmarks/gpu_reference_run.sh trace SECONDS        # GAC's meta pass on conv_in, per step
+#   bash benchmarks/gpu_reference_run.sh seed-records DIR     # continue from committed records in DIR
+#   bash benchmarks/gpu_reference_run.sh evidence SECONDS [--method M ...]  # only these methods
 # Results are copied to $OUT.
 set -u
 stage=${1:?stage}
 limit=${2:-540}
+shift; [ $# -gt 0 ] && shift
 source benchmarks/device_env.sh >/dev/null
 export PYTHONUNBUFFERED=1
 case "$stage" in
@@ -26,18 +30,45 @@ evidence)
     mkdir -p "$out"
     # several worker processes share the GPU; MPS lets their kernels overlap where it starts
     nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started" || echo "no MPS"
-    timeout "$limit" ptqbench run benchmarks/cifar10-s-one-gpu.toml -o "$out" --no-progress \
+    timeout "$limit" ptqbench run benchmarks/cifar10-s-one-gpu.toml -o "$out" --no-progress "$@" \
         2>&1 | grep -v "^\s*$" | tail -60
     echo "exit: ${PIPESTATUS[0]}"
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     ptqbench report "$out" --format csv -o "$out/leaderboard.csv" >/dev/null 2>&1
     cat "$out/leaderboard.md" 2>/dev/null | head -60
-    tar czf "$OUT/cifar10-s-records.tgz" -C "$out" records leaderboard.md leaderboard.csv 2>/dev/null
+    tar czf "$OUT/cifar10-s-records.tgz" -C "$out" records logs leaderboard.md leaderboard.csv 2>/dev/null
     ls -la "$OUT"
     ;;
 determinism)
-    timeout "$limit" python3 benchmarks/determinism.py benchmarks/determinism.toml \
+    timeout "$limit" python3 benchmarks/determinism.py benchmarks/determinism.toml "$@" \
         --json "$OUT/determinism.json" 2>&1 | grep -v "^\s*$" | tail -40
+    ;;
+trace)
+    for bits in W4A8 W8A8; do
+        timeout "$limit" python3 benchmarks/gac_trace.py ../shared/data/models/cifar10-ddpm-s \
+            --blocks conv_in --bits "$bits" --cache /tmp/ptq-trace-cache \
+            --json "$OUT/gac-trace-$bits.json" 2>&1 | grep -v "Loading checkpoint" | tail -25
+    done
+    ;;
+seed-records)
+    # a resumed reference run: the committed records of cells that need no rerun are copied in
+    # (the runner skips cells whose record is ok); FP cells and the cells named in RERUN (key
+    # prefixes) are left out so that they run again
+    src=$limit
+    out=/tmp/ptq-results/cifar10-s
+    mkdir -p "$out/records"
+    for f in "$src"/*.json; do
+        key=$(basename "$f" .json)
+        python3 - "$f" <<'PY' || continue
+import json, os, sys
+rec = json.load(open(sys.argv[1]))
+rerun = [k for k in os.environ.get("RERUN", "").split(",") if k]
+keep = rec["status"] == "ok" and rec["cell"]["method"] != "fp" and \
+    not any(rec["key"].startswith(k) for k in rerun)
+sys.exit(0 if keep else 1)
+PY
+        cp -n "$f" "$out/records/$key.json" && echo "kept $key"
+    done
     ;;
 *)
     echo "unknown stage $stage" >&2; exit 2 ;;

@@ -288,3 +288,56 @@ def test_a_non_finite_meta_gradient_never_reaches_the_weights(monkeypatch):
     assert calls["n"] == 3 and rec["meta_steps_not_finite"] == 1
     w = gw.weights(torch.arange(48))
     assert torch.isfinite(w).all() and abs(float(w.mean()) - 1) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# the collapse behind the NaN weights of conv_in (cifar10-ddpm-s; benchmarks/gac_trace.py)
+# --------------------------------------------------------------------------------------------
+# Traced on CPU and GPU alike: a meta batch whose meta-gradient was ~100x the block's first one
+# (the cosine's gradient grows as 1/|p_a| when a validation group's projected gradient is
+# small) moved logits by ~100 under the first step's scale, so one sample took nearly all the
+# weight; a later batch of samples left with weights ~1e-27 then made the normalized inner step
+# eta / |step| overflow, and every later meta-gradient was inf/NaN.
+def test_one_outlier_meta_step_cannot_collapse_the_weights(monkeypatch):
+    n = 640
+    noise = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    calls = {"k": 0}
+
+    def grad(idx):
+        calls["k"] += 1
+        g = noise[idx] * 1e-9
+        if calls["k"] == 3:  # one sample of the third batch: 1000x the others
+            g = g.clone()
+            g[0] = -1e-6
+        return g
+
+    _fake_meta(monkeypatch, grad, [])
+    w = _learn(n, 0, meta_batch_size=64)
+    assert torch.isfinite(w).all()
+    assert 0.4 < float(w.min()) and float(w.max()) < 2.5, (w.min(), w.max())
+    # the block's first step's scale without clipping (before) handed that one sample nearly
+    # all of the weight
+    calls["k"] = 0
+    w_first = _learn(n, 0, meta_batch_size=64, normalize_meta_grad="first", meta_clip=0)
+    assert float(w_first.max()) > 0.5 * n
+
+
+def test_a_batch_without_weight_takes_no_inner_step():
+    """Weights of a meta batch that all underflowed to 0: the normalized inner step has no
+    direction, so it is no step (it was eta / tiny, and the meta-gradient overflowed)."""
+    _, ctx, calib, val = make_problem(n=24)
+    groups = timestep_groups(val.step, 5)
+    w = torch.zeros(24, dtype=D)
+    w[16:] = 1 / 8
+    res = meta_gradient(ctx, ctx.params, w, torch.arange(8), groups, eta=1e-3,
+                        inner_step="normalized", mode="reverse", jacobian="materialise")
+    assert torch.isfinite(res.l_mse)
+    # no step, so nothing to learn about this batch (before: ~1e300 in float64, inf in float32)
+    assert torch.count_nonzero(res.grad_w) == 0, res.grad_w
+
+
+def test_a_vanishing_group_gradient_gives_a_finite_cosine_gradient():
+    p = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [-1.0, 0.3, 2.0]], dtype=D)
+    l_gm, d = gac._gm_direction(p, "cosine", 1 / 3, 1.0)
+    assert torch.isfinite(l_gm) and torch.isfinite(d).all()
+    assert torch.equal(d[1], torch.zeros(3, dtype=D))  # no direction: no gradient

@@ -33,18 +33,28 @@ Options and defaults
   A meta batch's gradient informs its samples relative to each other, so it is centred on the
   batch (the full-set softmax gradient w_i (g_i - sum_j w_j g_j) / tau with the sum estimated
   on the batch) and the logits outside the batch are left alone; with
-  ``normalize_meta_grad`` the block's first meta step sets a per-block scale so that a logit
-  moves by about meta_lr x its standardised meta-gradient per visit (one pass, tau 1: weights
-  within about exp(+-2 meta_lr), 0.6-1.6, for 2-sigma samples).
+  ``normalize_meta_grad`` each meta step's logit gradient is standardised by its own RMS over
+  the batch, and clipped at ``meta_clip`` standard units, so that a logit moves by at most
+  meta_lr x meta_clip per visit (one pass, tau 1: weights within exp(+-0.75), 0.47-2.1).
   Equal meta-gradients for every sample leave the weights exactly uniform, whatever the visit
   order. "adam" (meta_lr 1e-2 unless given) is the first implementation: Adam on all N logits
   with the exact softmax gradient; its per-coordinate normalisation turns the tiny coupling
   gradient of unvisited samples into full steps, so weights depended on the visit order
   (Spearman(visit step, weight) = -1 for equal meta-gradients; issue 12).
-- ``normalize_meta_grad`` = True: each block's meta gradients (on the logits s) are divided by
-  the RMS of the block's first one. On a real model a block's meta gradients are ~1e-12
+- ``normalize_meta_grad`` = True (= "step"): each meta step's gradient on the logits is divided
+  by its own RMS over the batch. On a real model a block's meta gradients are ~1e-12
   (products of per-sample gradients, times weights ~1/N); with it the update size is set by
-  ``meta_lr`` alone, whatever the block's loss scale.
+  ``meta_lr`` alone, whatever the block's loss scale. It also takes out the size of a step's
+  meta-gradient, which is mostly noise: the cosine's gradient grows as 1/|p_a| when a
+  validation group's projected gradient happens to be small, and each step draws its own
+  validation batch. "first" divides by the RMS of the block's first step (issue 12's first
+  fix): on conv_in of cifar10-ddpm-s (``benchmarks/gac_trace.py``) a batch ~100x the first
+  moved logits by ~100, one sample took nearly all of the weight, the normalized inner step of
+  a later batch (weights ~1e-27) overflowed, and the weights became NaN on the GPU.
+  False: raw gradients.
+- ``meta_clip`` = 3.0: standardised logit gradients are clipped at +-meta_clip (0: no clip);
+  the record's ``meta_clipped_fraction`` says how often. Ours: the method's description has
+  no step-size control for the weights.
 - ``meta_steps`` = None: one pass over the calibration set per block (ceil(N / meta_batch_size)),
   so every sample's weight receives exactly one update (the last batch of a pass is filled up
   to full size with samples already visited, which are not updated again); more steps start
@@ -142,7 +152,8 @@ class GradientAligned(Weighting):
                  gm_weight: float = 1.0, validation_fraction: Optional[float] = None,
                  reset_per_block: bool = True, autodiff: str = "auto",
                  cuda_graph="auto", seed: Optional[int] = None,
-                 normalize_meta_grad: bool = True, jacobian: str = "auto",
+                 normalize_meta_grad: bool | str = True, meta_clip: float = 3.0,
+                 jacobian: str = "auto",
                  jacobian_max_mb: float = 256.0, objective: str = "cosine",
                  meta_optimizer: str = "sgd", inner_step: str = "normalized",
                  gm_balance: bool = True):
@@ -157,7 +168,8 @@ class GradientAligned(Weighting):
                          gm_weight=gm_weight, validation_fraction=validation_fraction,
                          reset_per_block=reset_per_block, autodiff=autodiff,
                          cuda_graph=cuda_graph, seed=seed,
-                         normalize_meta_grad=normalize_meta_grad, jacobian=jacobian,
+                         normalize_meta_grad=normalize_meta_grad, meta_clip=meta_clip,
+                         jacobian=jacobian,
                          jacobian_max_mb=jacobian_max_mb, objective=objective,
                          meta_optimizer=meta_optimizer, inner_step=inner_step,
                          gm_balance=gm_balance)
@@ -180,13 +192,18 @@ class GradientAligned(Weighting):
         # "reconstruction" (or None): the reconstruction optimiser's learning rate, as before
         self.inner_lr = (None if inner_lr is None or inner_lr == "reconstruction"
                          else check_float("inner_lr", inner_lr, 0.0, float("inf"), low_open=True))
+        if normalize_meta_grad not in (True, False, "step", "first"):
+            raise PtqbenchError(f"option 'normalize_meta_grad' must be true, false, \"step\" "
+                                f"or \"first\", got {normalize_meta_grad!r}")
+        # true = "step" (each meta step by its own RMS); "first": by the block's first step's
+        self.meta_clip = check_float("meta_clip", meta_clip, 0.0, float("inf"))
         for opt, val in (("alternate", alternate), ("reset_per_block", reset_per_block),
-                         ("normalize_meta_grad", normalize_meta_grad),
                          ("gm_balance", gm_balance)):
             if not isinstance(val, bool):
                 raise PtqbenchError(f"option {opt!r} must be true or false, got {val!r}")
         self.alternate, self.reset_per_block = alternate, reset_per_block
-        self.normalize_meta_grad = normalize_meta_grad
+        self.normalize_meta_grad = ("step" if normalize_meta_grad is True else
+                                    normalize_meta_grad)
         self.gm_balance = gm_balance
         self._beta: Optional[torch.Tensor] = None  # the block's L_GM coefficient (gm_balance)
         self._grad_scale: Optional[torch.Tensor] = None  # 1 / RMS of the block's first meta grad
@@ -291,6 +308,9 @@ class GradientAligned(Weighting):
         self._meta_seconds = 0.0
         self._trace: list[tuple[torch.Tensor, ...]] = []  # per meta step, on the device
         self._skipped = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps
+        # logit updates clipped at meta_clip, of all updates (device counters: no sync)
+        self._clipped = torch.zeros((), dtype=torch.long, device=device)
+        self._updates = torch.zeros((), dtype=torch.long, device=device)
         self._val_batches = self._draw_val_batches(device)
         self._use_graph = device.type == "cuda" and self.cuda_graph in ("auto", True)
         small = jacobian_bytes(ctx.params, self._bs) <= self.jacobian_max_mb * 2 ** 20
@@ -397,12 +417,21 @@ class GradientAligned(Weighting):
         """
         w_b = w[idx]
         g = grad_w.to(w.dtype)
-        grad_s = w_b * (g - (w_b * g).sum() / w_b.sum()) / self.tau
-        if self.normalize_meta_grad:
+        mean_g = (w_b * g).sum() / w_b.sum().clamp_min(torch.finfo(w_b.dtype).tiny)
+        grad_s = w_b * (g - mean_g) / self.tau
+        if self.normalize_meta_grad == "first":  # before issue 12's NaN: the first step's scale
             if self._grad_scale is None:  # on the device: no host sync in the meta loop
                 rms = grad_s.pow(2).mean().sqrt()
                 self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
             grad_s = grad_s * self._grad_scale
+        elif self.normalize_meta_grad:  # this step's own RMS: every visit moves the logits alike
+            rms = grad_s.pow(2).mean().sqrt()
+            tiny = torch.finfo(rms.dtype).tiny
+            grad_s = torch.where(rms > tiny, grad_s / rms.clamp_min(tiny), torch.zeros_like(grad_s))
+        if self.normalize_meta_grad and self.meta_clip:
+            self._clipped += (grad_s.abs() > self.meta_clip).sum()
+            self._updates += grad_s.numel()
+            grad_s = grad_s.clamp(-self.meta_clip, self.meta_clip)
         if fresh is not None and fresh < idx.shape[0]:
             idx, grad_s = idx[:fresh], grad_s[:fresh]
         with torch.no_grad():
@@ -415,7 +444,7 @@ class GradientAligned(Weighting):
         grad_full = torch.zeros_like(w).index_put_((idx,), grad_w.to(w.dtype), accumulate=True)
         self._opt.zero_grad(set_to_none=False)
         grad_s = softmax_backward(w, grad_full, self.tau)
-        if self.normalize_meta_grad:
+        if self.normalize_meta_grad:  # the first implementation: the block's first step's scale
             if self._grad_scale is None:
                 rms = grad_s.pow(2).mean().sqrt()
                 self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
@@ -483,6 +512,9 @@ class GradientAligned(Weighting):
             "l_mse_first": trace[0][1] if trace else None,
             "l_mse_last": trace[-1][1] if trace else None,
             "meta_grad_scale": (None if self._grad_scale is None else float(self._grad_scale)),
+            "normalize_meta_grad": self.normalize_meta_grad, "meta_clip": self.meta_clip,
+            "meta_clipped_fraction": (float(self._clipped) / int(self._updates)
+                                      if int(self._updates) else 0.0),
             "objective": self.objective, "meta_optimizer": self.meta_optimizer,
             "inner_step": self.inner_step,
             "loss_reduction": loss_reduction(ctx),

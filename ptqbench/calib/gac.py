@@ -226,13 +226,16 @@ def _gm_direction(p: torch.Tensor, objective: str, k: float, eta_c: float
         l_gm = -k * eta_c ** 2 * (gram.sum() - gram.diagonal().sum()) / 2
         return l_gm, -k * eta_c ** 2 * (p.sum(0, keepdim=True) - p)
     # cos(g_a, g_b) = cos(p_a, p_b): the common factor -eta c cancels
-    norm = p.norm(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-    u = p / norm
+    tiny = torch.finfo(p.dtype).tiny
+    raw = p.norm(dim=1, keepdim=True)
+    live = raw > tiny  # a group whose gradient vanishes has no direction: cosine 0, no gradient
+    norm = raw.clamp_min(tiny)
+    u = torch.where(live, p / norm, torch.zeros_like(p))
     cos = u @ u.T
     l_gm = -k * (cos.sum() - cos.diagonal().sum()) / 2
     others = u.sum(0, keepdim=True) - u  # sum_{b != a} u_b
     c_others = (cos.sum(1, keepdim=True) - cos.diagonal()[:, None])  # sum_{b != a} C_ab
-    return l_gm, -k * (others - c_others * u) / norm
+    return l_gm, torch.where(live, -k * (others - c_others * u) / norm, torch.zeros_like(p))
 
 
 def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch.Tensor,
@@ -272,7 +275,11 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     w_b = w.detach()[idx]
     step = lin.t_apply(w_b)  # U^T w_B: c times it is the weighted minibatch loss's gradient
     if inner_step == "normalized":  # eta = RMS displacement per parameter (held constant)
-        eta = eta / _rms(step).mul(c).clamp_min(torch.finfo(w.dtype).tiny)
+        size = _rms(step).mul(c)
+        tiny = torch.finfo(size.dtype).tiny
+        # a step of size 0 (no gradient, or every weight of the batch underflowed) has no
+        # direction to scale: no inner step, rather than eta / tiny (an overflow)
+        eta = torch.where(size > tiny, eta / size.clamp_min(tiny), torch.zeros_like(size))
     elif inner_step != "sgd":
         raise ValueError(f"inner_step must be 'sgd' or 'normalized', got {inner_step!r}")
     theta_p = _axpy(-eta * c, step, theta)  # theta - eta * c * U^T w_B
@@ -299,7 +306,12 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     l_mse = sum(group_loss[a] * frac[a] for a in range(G))
     grad_mse = _sum([_scale(frac[a], grads[a]) for a in range(G)])
     # log L_MSE (cosine objective): its gradient is grad L_MSE / L_MSE
-    mse_coef = -eta * c / (l_mse if objective == "cosine" else 1.0)
+    if objective == "cosine":  # a validation loss of exactly 0 leaves nothing to learn
+        tiny = torch.finfo(l_mse.dtype).tiny
+        mse_coef = torch.where(l_mse > tiny, -eta * c / l_mse.clamp_min(tiny),
+                               torch.zeros_like(l_mse))
+    else:
+        mse_coef = -eta * c
     q_mse = _scale(mse_coef, grad_mse)
 
     if align:

@@ -1,0 +1,133 @@
+"""Trace GAC's meta pass on real blocks, step by step: where does a weight stop being finite?
+
+    python benchmarks/gac_trace.py MODEL_DIR [--blocks conv_in] [--bits W4A8] [--per-step 256]
+        [--device cuda] [--cuda-graph auto|false] [--seed 0] [--cache DIR] [--json out.json]
+
+Builds the gac preset's calibration set (uniform steps 20 x ``--per-step``, 5 % validation, DDIM
+100 quad steps), quantizes with the gac recipe (shortcut split, quantized attention), and walks the
+real BRECQ loop (1 iteration per phase) to each chosen block, where the real
+``gradient-aligned`` weighting (default options) learns its weights. For every meta step it prints
+the logits' and weights' range, L_MSE, the L_GM share, and which of the meta step's quantities is
+not finite, so that the first step that goes wrong, and in which quantity, is on record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+import ptqbench_plugins.weightings.gradient_aligned as ga
+from ptqbench.calib.trajectories import get_trajectories
+from ptqbench.interfaces import RunContext
+from ptqbench.quant import QuantRecipe, calibrate_activation_ranges, quantize_model
+from ptqbench.sampling import SamplerSpec
+from ptqbench_plugins.models.diffusers_unet import DiffusersUNet
+from ptqbench_plugins.reconstructors.brecq import BRECQ
+from ptqbench_plugins.selectors.uniform_steps import UniformSteps
+
+
+class _Stop(Exception):
+    pass
+
+
+def _finite(x) -> bool:
+    return x is None or bool(torch.isfinite(x).all())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--blocks", default="conv_in", help="comma-separated block names")
+    ap.add_argument("--bits", default="W4A8")
+    ap.add_argument("--per-step", type=int, default=256)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cuda-graph", default="auto", choices=["auto", "false"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    targets = args.blocks.split(",")
+    adapter = DiffusersUNet(path=args.model)
+    fp = adapter.load(dev)
+    spec = SamplerSpec(steps=100, spacing="quad")
+    sel = UniformSteps(steps=20, per_step=args.per_step, validation_fraction=0.05)
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp())
+    cache.mkdir(parents=True, exist_ok=True)
+    traj = get_trajectories(adapter, fp, spec, sel.num_trajectories(spec.steps), args.seed,
+                            cache, dev, 256)
+    calib, val = sel.select(traj, torch.Generator().manual_seed(args.seed), None)
+    recipe = QuantRecipe.from_options(bits=args.bits, split_shortcut=True,
+                                      quantize_attention=True)
+    qmodel, _ = quantize_model(fp, recipe, adapter)
+    calibrate_activation_ranges(qmodel, adapter, calib, 256, dev)
+    print(f"calib {len(calib)}  val {len(val)}  device {dev}  blocks {', '.join(targets)}",
+          flush=True)
+
+    rows: list[dict] = []
+    last: dict = {}
+    plain, graphed_call = ga.meta_gradient, ga.GraphedMetaGradient.__call__
+
+    def keep(res):
+        last["res"] = res
+        return res
+
+    ga.meta_gradient = lambda *a, **k: keep(plain(*a, **k))
+    ga.GraphedMetaGradient.__call__ = lambda self, *a, **k: keep(graphed_call(self, *a, **k))
+
+    class Traced(ga.GradientAligned):
+        def begin_block(self, ctx):
+            if ctx.block.name not in targets:
+                return super().begin_block(ctx)
+            self._trace_block = ctx.block.name
+            super().begin_block(ctx)
+            if getattr(ctx, "phase", "weights") == "weights" and ctx.block.name == targets[-1]:
+                raise _Stop
+
+        def _meta_step(self, ctx, idx, fresh=None):
+            w_before = torch.softmax(self._s.detach() / self.tau, 0) * self._n
+            super()._meta_step(ctx, idx, fresh)
+            res = last.get("res")
+            s = self._s.detach()
+            row = {"block": ctx.block.name, "step": self._done - 1,
+                   "w_min_before": float(w_before.min()), "w_b_min": float(w_before[idx].min()),
+                   "s_min": float(s.min()), "s_max": float(s.max()),
+                   "l_mse": float(res.l_mse), "l_gm": float(res.l_gm),
+                   "share_raw": float(res.gm_share()),
+                   "beta": None if self._beta is None else float(self._beta),
+                   "grad_scale": None if self._grad_scale is None else float(self._grad_scale),
+                   "finite": {k: _finite(getattr(res, k)) for k in
+                              ("grad_w", "grad_mse", "grad_gm", "l_mse", "l_gm",
+                               "group_loss")},
+                   "graph": None if self._graphed is None else
+                   ("failed" if self._graphed.failed else
+                    "replayed" if self._graphed.graph is not None else "eager"),
+                   "skipped": int(self._skipped)}
+            rows.append(row)
+            bad = [k for k, ok in row["finite"].items() if not ok]
+            print(f"{row['block']} step {row['step']:3d}  s [{row['s_min']:+.3e}, "
+                  f"{row['s_max']:+.3e}]  w_b_min {row['w_b_min']:.3e}  L_MSE {row['l_mse']:.3e}"
+                  f"  share {row['share_raw']:.3e}  graph {row['graph']}"
+                  f"  not finite: {','.join(bad) or '-'}", flush=True)
+
+    run = RunContext(device=dev, seed=args.seed, work_dir=Path(tempfile.mkdtemp()),
+                     cache_dir=cache)
+    weighting = Traced(cuda_graph="auto" if args.cuda_graph == "auto" else False)
+    weighting.prepare(calib, val, run)
+    try:
+        BRECQ(iters_w=1, iters_a=1, checkpoint=False, eval_samples=0).reconstruct(
+            fp, qmodel, adapter, calib, val, weighting, run)
+    except _Stop:
+        pass
+    w = torch.softmax(weighting._s.detach() / weighting.tau, 0) * weighting._n
+    print(f"final weights: finite {bool(torch.isfinite(w).all())}  range "
+          f"[{float(w.min()):.3e}, {float(w.max()):.3e}]  skipped steps {int(weighting._skipped)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
