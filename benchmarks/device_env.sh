@@ -2,6 +2,9 @@
 # Source this on the GPU machine (repo root as cwd). It installs the carried wheels and ptqbench
 # into /tmp/site (the image has torch but no diffusers/torch-fidelity), and links the data that
 # earlier calls left under /tmp/ptq-data to ../shared/data, where the suites expect it.
+# The .git that travels with the working tree can be stale (seen: the session's first commit), so
+# records would name a wrong commit: start the device command with
+#   export PTQBENCH_SOURCE_COMMIT=<git rev-parse HEAD, taken here>;
 set -e
 if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then  # once per machine
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

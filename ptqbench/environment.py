@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -14,7 +15,14 @@ PACKAGES = ("ptqbench", "torch", "torchvision", "diffusers", "torch-fidelity", "
 
 @functools.lru_cache(maxsize=None)
 def git_info(start: str = ".") -> dict:
-    """Commit of the checkout ptqbench runs from (or the current folder), and whether it is dirty."""
+    """Commit of the checkout ptqbench runs from (or the current folder), and whether it is dirty.
+
+    ``PTQBENCH_SOURCE_COMMIT`` names the commit of a copy whose own git metadata is absent or
+    stale (a working tree shipped to another machine): it is recorded as given, marked as
+    such; the records' ``code`` hashes still identify the sources that actually ran."""
+    given = os.environ.get("PTQBENCH_SOURCE_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "source": "PTQBENCH_SOURCE_COMMIT"}
     here = Path(__file__).resolve().parent
     for folder in (here, Path(start).resolve()):
         try:

@@ -21,3 +21,19 @@ def test_code_identity_covers_core_and_builtin_plugins():
     ident = environment.code_identity()
     assert set(ident) == {"ptqbench", "ptqbench_plugins"}
     assert all(len(v["sha256"]) == 64 and v["files"] > 5 for v in ident.values())
+
+
+def test_a_shipped_copy_records_the_commit_it_was_given(monkeypatch):
+    """A working tree copied to a GPU machine carried a stale .git: its records named a commit
+    three commits old. PTQBENCH_SOURCE_COMMIT names the real one, marked as given."""
+    from ptqbench.environment import git_info
+
+    monkeypatch.setenv("PTQBENCH_SOURCE_COMMIT", "0123abc")
+    git_info.cache_clear()
+    try:
+        assert git_info() == {"commit": "0123abc", "dirty": None,
+                              "source": "PTQBENCH_SOURCE_COMMIT"}
+    finally:
+        monkeypatch.delenv("PTQBENCH_SOURCE_COMMIT")
+        git_info.cache_clear()
+    assert git_info().get("source") is None
