@@ -38,6 +38,29 @@ def test_hand_computed_mse_and_psnr():
     assert "ci" not in mse and psnr["identical"] == 0
 
 
+def test_systematic_part_of_the_error_by_hand():
+    q, fp = _pair()
+    sys_ = Paired(bootstrap=0).compute(q, _ctx(fp))["paired_mse"]["systematic"]
+    # errors e0 = (0.2, 0, 0, 0), e1 = (1, 1, 1, 1): mean image (0.6, 0.5, 0.5, 0.5)
+    assert sys_["mse"] == pytest.approx((0.36 + 3 * 0.25) / 4, rel=1e-12)
+    assert sys_["fraction"] == pytest.approx(0.2775 / 0.505, rel=1e-12)
+    assert sys_["channel_shift"] == [pytest.approx(0.525, rel=1e-12)]
+
+
+def test_a_common_shift_is_all_systematic_and_symmetric_noise_none():
+    fp = torch.full((4, 3, 2, 2), 100, dtype=torch.uint8)
+    shifted = fp.clone()
+    shifted[:, 0] += 10  # a red cast on every sample
+    out = Paired(bootstrap=0).compute(shifted, _ctx(fp))["paired_mse"]["systematic"]
+    assert out["fraction"] == pytest.approx(1.0, rel=1e-12)
+    assert out["channel_shift"] == [pytest.approx(10 / 255), 0.0, 0.0]
+    noisy = fp.clone()
+    noisy[0::2] += 10  # +10 on half of the samples, -10 on the other half
+    noisy[1::2] -= 10
+    out = Paired(bootstrap=0).compute(noisy, _ctx(fp))["paired_mse"]["systematic"]
+    assert out["mse"] == 0.0 and out["fraction"] == 0.0
+
+
 def test_identical_sample_gets_the_largest_finite_uint8_psnr():
     q, fp = _pair()
     q[1] = fp[1]

@@ -6,6 +6,11 @@ counterpart has MSE_i = 0; its PSNR is set to 10 log10(255^2 * C * H * W), the P
 level of difference in one pixel, i.e. the largest finite PSNR between two uint8 images of that
 size (the count of such samples is reported as ``identical``). Both outputs are means over
 samples with a 95% percentile-bootstrap interval (``bootstrap`` resamples, fixed ``seed``).
+``paired_mse`` also carries ``systematic``: the part of the MSE that is a shift common to every
+sample (the mean error image's MSE, its fraction of the paired MSE, and the mean error per
+channel; :func:`ptqbench.metrics.paired.systematic_error`). FID weighs such a shift fully, so a
+method can have lower paired MSE and higher FID-to-FP than another when more of its error is
+systematic (issue 11's open question at W8A8).
 
 On the reference (FP) cell the samples are the FP samples: ``paired_mse`` is 0 and
 ``paired_psnr`` is unavailable.
@@ -22,7 +27,7 @@ import torch
 from ptqbench import Metric, MetricContext, hookimpl
 from ptqbench.errors import PtqbenchError
 from ptqbench.metrics.bootstrap import bootstrap_mean
-from ptqbench.metrics.paired import per_sample_mse, psnr_from_mse
+from ptqbench.metrics.paired import per_sample_mse, psnr_from_mse, systematic_error
 
 _SPEC = {"bootstrap": (1000, 0), "seed": (0, 0), "chunk": (1024, 1)}
 
@@ -75,6 +80,7 @@ class Paired(Metric):
                 out["ci"] = ci
                 out["ci_method"] = f"percentile bootstrap of the mean, {boot} resamples, seed {seed}"
         psnr["identical"] = int((per_mse == 0).sum())
+        mse["systematic"] = systematic_error(samples, fp, self.cfg["chunk"])
         return {"paired_mse": mse, "paired_psnr": psnr}
 
     def identity(self) -> dict:

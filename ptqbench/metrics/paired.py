@@ -22,6 +22,32 @@ def per_sample_mse(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -
     return torch.cat(out)
 
 
+def systematic_error(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -> dict:
+    """The part of the paired error that every sample shares.
+
+    With e_i = (sample_i - fp_i) / 255 and m = mean_i e_i (one image), the paired MSE splits
+    exactly into mean(m^2) (a shift common to all samples: a colour cast, a brightness or
+    low-frequency offset) plus the spread of e_i around m. A distribution distance such as FID
+    counts the common shift fully, while per-sample noise of the same MSE moves it much less.
+    Returns ``mse`` = mean(m^2), ``fraction`` of the paired MSE, and ``channel_shift`` (the mean
+    of e per channel, signed)."""
+    total = None
+    square = 0.0
+    n = samples.shape[0]
+    for start in range(0, n, chunk):
+        a = samples[start:start + chunk].to(torch.float64)
+        b = fp[start:start + chunk].to(a.device, torch.float64)
+        e = (a - b) / 255.0
+        part = e.sum(0)
+        total = part if total is None else total + part
+        square += float(e.square().sum())
+    m = total / n
+    paired = square / (n * m.numel())
+    mse = float(m.square().mean())
+    return {"mse": mse, "fraction": mse / paired if paired > 0 else 0.0,
+            "channel_shift": [float(c) for c in m.flatten(1).mean(1)]}
+
+
 def psnr_from_mse(mse: torch.Tensor, values_per_sample: int) -> torch.Tensor:
     """PSNR (peak 1) per sample; MSE 0 maps to the largest finite uint8 PSNR (see module doc)."""
     cap = 10 * math.log10(255.0 ** 2 * values_per_sample)
