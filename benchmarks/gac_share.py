@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ptqbench.calib import gac
-from ptqbench.calib.trajectories import get_trajectories
-from ptqbench.interfaces import RunContext
-from ptqbench.quant import QuantRecipe, calibrate_activation_ranges, quantize_model
-from ptqbench.sampling import SamplerSpec
-from ptqbench_plugins.models.diffusers_unet import DiffusersUNet
-from ptqbench_plugins.reconstructors.brecq import BRECQ
-from ptqbench_plugins.selectors.uniform_steps import UniformSteps
-from ptqbench_plugins.weightings.gradient_aligned import GradientAligned
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout  # noqa: E402,F401  (a bare checkout works too: see checkout.py)
 
-
-class _Stop(Exception):
-    pass
+from block_probe import StopWalk, calibrated_model, walk_blocks  # noqa: E402
+from ptqbench.calib import gac  # noqa: E402
+from ptqbench.sampling import SamplerSpec  # noqa: E402
+from ptqbench_plugins.selectors.uniform_steps import UniformSteps  # noqa: E402
+from ptqbench_plugins.weightings.gradient_aligned import GradientAligned  # noqa: E402
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,10 +60,6 @@ def main() -> None:
     dev = torch.device(args.device)
     etas = [float(e) for e in args.etas.split(",")]
     torch.manual_seed(0)
-    adapter = DiffusersUNet(path=args.model)
-    fp = adapter.load(dev)
-    names = [b.name for b in adapter.blocks(fp)]
-    targets = args.blocks.split(",") if args.blocks else names[:args.first]
     spec = SamplerSpec(steps=20, spacing="quad")
     sel = UniformSteps(per_step=args.per_step, validation_fraction=0.05)
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp())
@@ -79,11 +71,9 @@ def main() -> None:
                                                         args.baseline)
         baseline = importlib.util.module_from_spec(spec_b)
         spec_b.loader.exec_module(baseline)
-    traj = get_trajectories(adapter, fp, spec, sel.num_trajectories(spec.steps), 0, cache, dev,
-                            64)
-    calib, val = sel.select(traj, torch.Generator().manual_seed(0), None)
-    qmodel, _ = quantize_model(fp, QuantRecipe.from_options(bits="W4A8"), adapter)
-    calibrate_activation_ranges(qmodel, adapter, calib, 64, dev)
+    adapter, fp, qmodel, calib, val = calibrated_model(args.model, dev, spec, sel, "W4A8", cache)
+    names = [b.name for b in adapter.blocks(fp)]
+    targets = args.blocks.split(",") if args.blocks else names[:args.first]
     print(f"calib {len(calib)}  val {len(val)}  blocks {', '.join(targets)}")
     rows: list[dict] = []
 
@@ -136,7 +126,7 @@ def main() -> None:
                     print(f"{ctx.block.name:28s} {name:18s} meta step {ms:9.1f} ms "
                           f"(|B| {args.batch}, P {P})")
             if ctx.block.name == targets[-1]:
-                raise _Stop
+                raise StopWalk
 
         def end_block(self, ctx):
             pass
@@ -147,14 +137,7 @@ def main() -> None:
         def observe(self, *a):
             pass
 
-    run = RunContext(device=dev, seed=0, work_dir=Path(tempfile.mkdtemp()), cache_dir=cache)
-    probe = Probe()
-    probe.prepare(calib, val, run)
-    try:
-        BRECQ(iters_w=1, iters_a=1, checkpoint=False, eval_samples=0).reconstruct(
-            fp, qmodel, adapter, calib, val, probe, run)
-    except _Stop:
-        pass
+    walk_blocks(adapter, fp, qmodel, calib, val, Probe(), dev, cache)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

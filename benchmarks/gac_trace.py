@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-import ptqbench_plugins.weightings.gradient_aligned as ga
-from ptqbench.calib.trajectories import get_trajectories
-from ptqbench.interfaces import RunContext
-from ptqbench.quant import QuantRecipe, calibrate_activation_ranges, quantize_model
-from ptqbench.sampling import SamplerSpec
-from ptqbench_plugins.models.diffusers_unet import DiffusersUNet
-from ptqbench_plugins.reconstructors.brecq import BRECQ
-from ptqbench_plugins.selectors.uniform_steps import UniformSteps
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout  # noqa: E402,F401  (a bare checkout works too: see checkout.py)
 
-
-class _Stop(Exception):
-    pass
+import ptqbench_plugins.weightings.gradient_aligned as ga  # noqa: E402
+from block_probe import StopWalk, calibrated_model, walk_blocks  # noqa: E402
+from ptqbench.sampling import SamplerSpec  # noqa: E402
+from ptqbench_plugins.selectors.uniform_steps import UniformSteps  # noqa: E402
 
 
 def _finite(x) -> bool:
@@ -51,19 +47,12 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     targets = args.blocks.split(",")
-    adapter = DiffusersUNet(path=args.model)
-    fp = adapter.load(dev)
-    spec = SamplerSpec(steps=100, spacing="quad")
     sel = UniformSteps(steps=20, per_step=args.per_step, validation_fraction=0.05)
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp())
     cache.mkdir(parents=True, exist_ok=True)
-    traj = get_trajectories(adapter, fp, spec, sel.num_trajectories(spec.steps), args.seed,
-                            cache, dev, 256)
-    calib, val = sel.select(traj, torch.Generator().manual_seed(args.seed), None)
-    recipe = QuantRecipe.from_options(bits=args.bits, split_shortcut=True,
-                                      quantize_attention=True)
-    qmodel, _ = quantize_model(fp, recipe, adapter)
-    calibrate_activation_ranges(qmodel, adapter, calib, 256, dev)
+    adapter, fp, qmodel, calib, val = calibrated_model(
+        args.model, dev, SamplerSpec(steps=100, spacing="quad"), sel, args.bits, cache,
+        args.seed, 256, split_shortcut=True, quantize_attention=True)
     print(f"calib {len(calib)}  val {len(val)}  device {dev}  blocks {', '.join(targets)}",
           flush=True)
 
@@ -85,7 +74,7 @@ def main() -> None:
             self._trace_block = ctx.block.name
             super().begin_block(ctx)
             if getattr(ctx, "phase", "weights") == "weights" and ctx.block.name == targets[-1]:
-                raise _Stop
+                raise StopWalk
 
         def _meta_step(self, ctx, idx, fresh=None):
             w_before = torch.softmax(self._s.detach() / self.tau, 0) * self._n
@@ -113,15 +102,8 @@ def main() -> None:
                   f"  share {row['share_raw']:.3e}  graph {row['graph']}"
                   f"  not finite: {','.join(bad) or '-'}", flush=True)
 
-    run = RunContext(device=dev, seed=args.seed, work_dir=Path(tempfile.mkdtemp()),
-                     cache_dir=cache)
     weighting = Traced(cuda_graph="auto" if args.cuda_graph == "auto" else False)
-    weighting.prepare(calib, val, run)
-    try:
-        BRECQ(iters_w=1, iters_a=1, checkpoint=False, eval_samples=0).reconstruct(
-            fp, qmodel, adapter, calib, val, weighting, run)
-    except _Stop:
-        pass
+    walk_blocks(adapter, fp, qmodel, calib, val, weighting, dev, cache, args.seed)
     w = torch.softmax(weighting._s.detach() / weighting.tau, 0) * weighting._n
     print(f"final weights: finite {bool(torch.isfinite(w).all())}  range "
           f"[{float(w.min()):.3e}, {float(w.max()):.3e}]  skipped steps {int(weighting._skipped)}")
