@@ -155,6 +155,22 @@ def test_execution_options_are_validated():
     assert Execution.from_options("reference").resolved("cuda").compile is False
 
 
+def test_deterministic_mode_does_not_compile_unless_asked():
+    """Inductor may choose kernels by timing them (not covered by torch's deterministic flag):
+    under deterministic mode 'auto' keeps CUDA graphs but does not compile."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        free = Execution().resolved("cuda")
+        assert free.compile is True and free.cuda_graphs is True
+        torch.use_deterministic_algorithms(True)
+        det = Execution().resolved("cuda")
+        assert det.compile is False and det.cuda_graphs is True and det.mode == "fast"
+        assert Execution.from_options("fast", {"compile": True}).resolved("cuda").compile is True
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 # --------------------------------------------------------------------------------------------
 # int8
 # --------------------------------------------------------------------------------------------

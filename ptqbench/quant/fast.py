@@ -98,8 +98,14 @@ class Execution:
     def resolved(self, device, quantized: bool = True) -> "Execution":
         """Concrete settings for ``device``: 'auto' is the fast path, compiled and graphed on
         CUDA and folded-eager on CPU (compiling costs more than it saves on a CPU test run).
-        int8 on a model without quantized layers (the FP cell) is the fast path."""
+        int8 on a model without quantized layers (the FP cell) is the fast path.
+        In deterministic mode (``torch.are_deterministic_algorithms_enabled()``, set per cell
+        by ``[run] deterministic``) 'auto' does not compile: inductor may pick kernel configs by
+        timing them, which torch's deterministic flag does not cover, so two runs could round
+        differently; CUDA graphs replay fixed kernels and stay. ``compile = true`` still
+        compiles."""
         cuda = torch.device(device).type == "cuda"
+        may_compile = cuda and not torch.are_deterministic_algorithms_enabled()
         mode = "fast" if self.mode == "auto" else self.mode
         if mode == "int8" and not quantized:
             mode = "fast"
@@ -107,7 +113,7 @@ class Execution:
         fast = mode != "reference"
         return dataclasses.replace(
             self, mode=mode,
-            compile=fast and pick(self.compile, cuda),
+            compile=fast and pick(self.compile, may_compile),
             cuda_graphs=fast and cuda and pick(self.cuda_graphs, cuda),
             channels_last=fast and pick(self.channels_last, cuda and self.dtype == "bf16"))
 
