@@ -49,7 +49,7 @@ Options and defaults
   validation group's projected gradient happens to be small, and each step draws its own
   validation batch. "first" divides by the RMS of the block's first step (issue 12's first
   fix): on conv_in of cifar10-ddpm-s (``benchmarks/gac_trace.py``) a batch ~100x the first
-  moved logits by ~100, one sample took nearly all of the weight, the normalized inner step of
+  moved logits by ~100, one sample took ~60% of the weight, the normalized inner step of
   a later batch (weights ~1e-27) overflowed, and the weights became NaN on the GPU.
   False: raw gradients.
 - ``meta_clip`` = 3.0: standardised logit gradients are clipped at +-meta_clip (0: no clip);
