@@ -294,9 +294,10 @@ def test_a_non_finite_meta_gradient_never_reaches_the_weights(monkeypatch):
 # the collapse behind the NaN weights of conv_in (cifar10-ddpm-s; benchmarks/gac_trace.py)
 # --------------------------------------------------------------------------------------------
 # Traced on CPU with benchmarks/gac_trace.py (the GPU cells' NaN weights on the same block fit
-# it): a meta batch whose meta-gradient was ~100x the block's first one (the cosine's gradient grows as 1/|p_a| when a validation group's projected gradient is
-# small) moved logits by ~100 under the first step's scale, so one sample took ~60% of the
-# weight; a later batch of samples left with weights ~1e-27 then made the normalized inner step
+# it): a meta batch whose meta-gradient was ~100x the block's first one (the cosine's
+# gradient grows as 1/|p_a| when a validation group's projected gradient is small) moved
+# logits by ~100 under the first step's scale, so one sample took ~60% of the weight; a later
+# batch of samples left with weights ~1e-27 then made the normalized inner step
 # eta / |step| overflow, and 68 of the 80 meta-gradients were inf/NaN.
 def test_one_outlier_meta_step_cannot_collapse_the_weights(monkeypatch):
     n = 640
