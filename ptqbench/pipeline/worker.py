@@ -87,7 +87,8 @@ def death_report(pool, fault_log: Optional[str]) -> str:
     signal that killed it: -9 is SIGKILL, often the kernel's out-of-memory killer; -11 a
     segfault) and the end of its fault log."""
     parts = []
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # private: no other source
+    # the pool's processes are private, but there is no other way to reach the exit code
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
         proc.join(timeout=10)  # the pool reports the death before it has reaped the process
         code = proc.exitcode
         if code is not None and code != 0:
