@@ -71,7 +71,6 @@ def main() -> None:
         def begin_block(self, ctx):
             if ctx.block.name not in targets:
                 return super().begin_block(ctx)
-            self._trace_block = ctx.block.name
             super().begin_block(ctx)
             if getattr(ctx, "phase", "weights") == "weights" and ctx.block.name == targets[-1]:
                 raise StopWalk

@@ -95,7 +95,8 @@ class MultiGPUExecutor(Executor):
                         if pool is None:
                             pool = ProcessPoolExecutor(
                                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=init_worker, initargs=(str(device), threads_each, label, fault_log))
+                                initializer=init_worker,
+                                initargs=(str(device), threads_each, label, fault_log))
                         cell = by_key[task.key]
                         if task.runs_cell:
                             run_one.started(cell, label)

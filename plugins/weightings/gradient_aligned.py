@@ -124,8 +124,8 @@ import torch
 
 from ptqbench import Weighting, hookimpl
 from ptqbench.calib.gac import (OBJECTIVES, GraphedMetaGradient, jacobian_bytes,
-                                loss_reduction, meta_gradient, softmax_backward,
-                                timestep_groups)
+                                loss_reduction, meta_gradient, safe_divide,
+                                softmax_backward, timestep_groups)
 from ptqbench.calib.selection import check_float, check_int
 from ptqbench.errors import PtqbenchError
 
@@ -195,7 +195,6 @@ class GradientAligned(Weighting):
         if normalize_meta_grad not in (True, False, "step", "first"):
             raise PtqbenchError(f"option 'normalize_meta_grad' must be true, false, \"step\" "
                                 f"or \"first\", got {normalize_meta_grad!r}")
-        # true = "step" (each meta step by its own RMS); "first": by the block's first step's
         self.meta_clip = check_float("meta_clip", meta_clip, 0.0, float("inf"))
         for opt, val in (("alternate", alternate), ("reset_per_block", reset_per_block),
                          ("gm_balance", gm_balance)):
@@ -420,14 +419,9 @@ class GradientAligned(Weighting):
         mean_g = (w_b * g).sum() / w_b.sum().clamp_min(torch.finfo(w_b.dtype).tiny)
         grad_s = w_b * (g - mean_g) / self.tau
         if self.normalize_meta_grad == "first":  # before issue 12's NaN: the first step's scale
-            if self._grad_scale is None:  # on the device: no host sync in the meta loop
-                rms = grad_s.pow(2).mean().sqrt()
-                self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
-            grad_s = grad_s * self._grad_scale
+            grad_s = self._first_step_scaled(grad_s)
         elif self.normalize_meta_grad:  # this step's own RMS: every visit moves the logits alike
-            rms = grad_s.pow(2).mean().sqrt()
-            tiny = torch.finfo(rms.dtype).tiny
-            grad_s = torch.where(rms > tiny, grad_s / rms.clamp_min(tiny), torch.zeros_like(grad_s))
+            grad_s = safe_divide(grad_s, grad_s.pow(2).mean().sqrt())
         if self.normalize_meta_grad and self.meta_clip:
             self._clipped += (grad_s.abs() > self.meta_clip).sum()
             self._updates += grad_s.numel()
@@ -445,12 +439,16 @@ class GradientAligned(Weighting):
         self._opt.zero_grad(set_to_none=False)
         grad_s = softmax_backward(w, grad_full, self.tau)
         if self.normalize_meta_grad:  # the first implementation: the block's first step's scale
-            if self._grad_scale is None:
-                rms = grad_s.pow(2).mean().sqrt()
-                self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
-            grad_s = grad_s * self._grad_scale
+            grad_s = self._first_step_scaled(grad_s)
         self._s.grad = grad_s
         self._opt.step()
+
+    def _first_step_scaled(self, grad_s: torch.Tensor) -> torch.Tensor:
+        """grad_s divided by the RMS of the block's first logit gradient."""
+        if self._grad_scale is None:  # on the device: no host sync in the meta loop
+            rms = grad_s.pow(2).mean().sqrt()
+            self._grad_scale = torch.where(rms > 0, 1.0 / rms, torch.ones_like(rms))
+        return grad_s * self._grad_scale
 
     def _refresh(self) -> None:
         # in place: a reconstruction step captured in a CUDA graph that gathers weights(idx)

@@ -127,6 +127,15 @@ def _rms(x: Params) -> torch.Tensor:
     return (total / sum(v.numel() for v in x.values())).sqrt()
 
 
+def safe_divide(num, den: torch.Tensor) -> torch.Tensor:
+    """num / den where den is above the smallest normal float, else 0: a quantity normalised by
+    a size that vanished (a zero step, a zero loss, a zero gradient) contributes nothing,
+    instead of overflowing to inf/NaN."""
+    tiny = torch.finfo(den.dtype).tiny
+    q = num / den.clamp_min(tiny)
+    return torch.where(den > tiny, q, torch.zeros_like(q))
+
+
 def _sum(items: Sequence[Params]) -> Params:
     out = dict(items[0])
     for it in items[1:]:
@@ -220,22 +229,19 @@ class MetaResult:
 def _gm_direction(p: torch.Tensor, objective: str, k: float, eta_c: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_GM and d_a = dL_GM/dp_a (G x |B|) for the group gradients p_a = U G_a."""
-    G = p.shape[0]
     if objective == "dot":  # g_a . g_b = (eta c)^2 p_a . p_b
         gram = p @ p.T
         l_gm = -k * eta_c ** 2 * (gram.sum() - gram.diagonal().sum()) / 2
         return l_gm, -k * eta_c ** 2 * (p.sum(0, keepdim=True) - p)
     # cos(g_a, g_b) = cos(p_a, p_b): the common factor -eta c cancels
-    tiny = torch.finfo(p.dtype).tiny
-    raw = p.norm(dim=1, keepdim=True)
-    live = raw > tiny  # a group whose gradient vanishes has no direction: cosine 0, no gradient
-    norm = raw.clamp_min(tiny)
-    u = torch.where(live, p / norm, torch.zeros_like(p))
+    # a group whose gradient vanishes has no direction: cosine 0 with it, and no gradient
+    norm = p.norm(dim=1, keepdim=True)
+    u = safe_divide(p, norm)
     cos = u @ u.T
     l_gm = -k * (cos.sum() - cos.diagonal().sum()) / 2
     others = u.sum(0, keepdim=True) - u  # sum_{b != a} u_b
     c_others = (cos.sum(1, keepdim=True) - cos.diagonal()[:, None])  # sum_{b != a} C_ab
-    return l_gm, torch.where(live, -k * (others - c_others * u) / norm, torch.zeros_like(p))
+    return l_gm, safe_divide(-k * (others - c_others * u), norm)
 
 
 def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch.Tensor,
@@ -275,11 +281,9 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     w_b = w.detach()[idx]
     step = lin.t_apply(w_b)  # U^T w_B: c times it is the weighted minibatch loss's gradient
     if inner_step == "normalized":  # eta = RMS displacement per parameter (held constant)
-        size = _rms(step).mul(c)
-        tiny = torch.finfo(size.dtype).tiny
         # a step of size 0 (no gradient, or every weight of the batch underflowed) has no
         # direction to scale: no inner step, rather than eta / tiny (an overflow)
-        eta = torch.where(size > tiny, eta / size.clamp_min(tiny), torch.zeros_like(size))
+        eta = safe_divide(eta, _rms(step).mul(c))
     elif inner_step != "sgd":
         raise ValueError(f"inner_step must be 'sgd' or 'normalized', got {inner_step!r}")
     theta_p = _axpy(-eta * c, step, theta)  # theta - eta * c * U^T w_B
@@ -306,12 +310,8 @@ def meta_gradient(ctx: BlockContext, params: Params, w: torch.Tensor, idx: torch
     l_mse = sum(group_loss[a] * frac[a] for a in range(G))
     grad_mse = _sum([_scale(frac[a], grads[a]) for a in range(G)])
     # log L_MSE (cosine objective): its gradient is grad L_MSE / L_MSE
-    if objective == "cosine":  # a validation loss of exactly 0 leaves nothing to learn
-        tiny = torch.finfo(l_mse.dtype).tiny
-        mse_coef = torch.where(l_mse > tiny, -eta * c / l_mse.clamp_min(tiny),
-                               torch.zeros_like(l_mse))
-    else:
-        mse_coef = -eta * c
+    # (a validation loss of exactly 0 leaves nothing to learn)
+    mse_coef = safe_divide(-eta * c, l_mse) if objective == "cosine" else -eta * c
     q_mse = _scale(mse_coef, grad_mse)
 
     if align:
@@ -366,7 +366,7 @@ def surrogate_value(ctx: BlockContext, params: Params, w: torch.Tensor, idx: tor
     Builds theta'(w) with a differentiable inner step and takes g_a = dL_a/dw by autograd.
     """
     theta = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    N, B = w.shape[0], idx.shape[0]
+    N = w.shape[0]
     w_b = w[idx].detach().requires_grad_(True)
     fB = loss_vector_fn(ctx, ctx.calib_inputs(idx), ctx.calib_targets(idx), None)
     inner = (fB(theta) * w_b * N).mean()

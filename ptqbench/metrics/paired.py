@@ -12,14 +12,16 @@ import numpy as np
 import torch
 
 
-def per_sample_mse(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """MSE of every sample against its FP counterpart, images scaled to [0, 1] (float64, (N,))."""
-    out = []
+def _errors(samples: torch.Tensor, fp: torch.Tensor, chunk: int):
+    """(sample - fp) / 255 in float64, ``chunk`` samples at a time (bounded memory)."""
     for start in range(0, samples.shape[0], chunk):
         a = samples[start:start + chunk].to(torch.float64)
-        b = fp[start:start + chunk].to(a.device, torch.float64)
-        out.append(((a - b) / 255.0).square().flatten(1).mean(1).cpu())
-    return torch.cat(out)
+        yield (a - fp[start:start + chunk].to(a.device, torch.float64)) / 255.0
+
+
+def per_sample_mse(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """MSE of every sample against its FP counterpart, images scaled to [0, 1] (float64, (N,))."""
+    return torch.cat([e.square().flatten(1).mean(1).cpu() for e in _errors(samples, fp, chunk)])
 
 
 def systematic_error(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -> dict:
@@ -34,12 +36,8 @@ def systematic_error(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024)
     total = None
     square = 0.0
     n = samples.shape[0]
-    for start in range(0, n, chunk):
-        a = samples[start:start + chunk].to(torch.float64)
-        b = fp[start:start + chunk].to(a.device, torch.float64)
-        e = (a - b) / 255.0
-        part = e.sum(0)
-        total = part if total is None else total + part
+    for e in _errors(samples, fp, chunk):
+        total = e.sum(0) if total is None else total + e.sum(0)
         square += float(e.square().sum())
     m = total / n
     paired = square / (n * m.numel())

@@ -11,8 +11,8 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
