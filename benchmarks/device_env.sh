@@ -22,8 +22,20 @@ for d in .carry/*/data; do [ -d "$d" ] && cp -rn "$d"/. /tmp/ptq-data/; done
 find /tmp/ptq-data -name '*.xz' | while read -r f; do
     [ -f "${f%.xz}" ] || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "${f%.xz}"
 done
-# the Inception weights travel in two parts (91 MiB > one call's 64 MiB)
+# the Inception weights travel in parts (91 MiB > one call's 64 MiB): either raw halves part-aa
+# and part-ab, or their xz stream cut into weights.xz.KofN (80 MB, split to fill up other calls)
 W=/tmp/ptq-data/inception/weights-inception-2015-12-05-features-only.pth
+parts=$(ls /tmp/ptq-data/inception/weights.xz.*of* 2>/dev/null | sort -V)
+if [ ! -f "$W" ] && [ -n "$parts" ]; then
+    n=$(echo "$parts" | head -1 | sed 's/.*of//')
+    if [ "$(echo "$parts" | wc -l)" -eq "$n" ]; then
+        cat $parts | python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), open(sys.argv[1], "wb"))' "$W.tmp" \
+            && mv "$W.tmp" "$W"
+        echo "inception weights: $(sha256sum "$W" | cut -c1-16)"
+    else
+        echo "inception weights: $(echo "$parts" | wc -l) of $n parts here"
+    fi
+fi
 if [ ! -f "$W" ] && [ -f /tmp/ptq-data/inception/part-aa ] && [ -f /tmp/ptq-data/inception/part-ab ]; then
     cat /tmp/ptq-data/inception/part-aa /tmp/ptq-data/inception/part-ab > "$W.tmp" && mv "$W.tmp" "$W"
     echo "inception weights: $(sha256sum "$W" | cut -c1-16)"

@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_reference_run.sh trace SECONDS        # GAC's meta pass on conv_in, per step
 #   bash benchmarks/gpu_reference_run.sh seed-records DIR     # continue from committed records in DIR
 #   bash benchmarks/gpu_reference_run.sh evidence SECONDS [--method M ...]  # only these methods
+#   bash benchmarks/gpu_reference_run.sh gac-cost SECONDS     # benchmarks/gac_cost_solo.toml, alone
+#   bash benchmarks/gpu_reference_run.sh w8a8 SECONDS         # benchmarks/w8a8_selection.toml
+#   bash benchmarks/gpu_reference_run.sh fid-floor DIR        # benchmarks/fid_floor.py on DIR
 # Results are copied to $OUT.
 set -u
 stage=${1:?stage}
@@ -38,6 +41,39 @@ evidence)
     cat "$out/leaderboard.md" 2>/dev/null | head -60
     tar czf "$OUT/cifar10-s-records.tgz" -C "$out" records logs leaderboard.md leaderboard.csv 2>/dev/null
     ls -la "$OUT"
+    ;;
+gac-cost)
+    out=/tmp/ptq-results/gac-cost-solo
+    timeout "$limit" ptqbench run benchmarks/gac_cost_solo.toml -o "$out" --no-progress 2>&1 \
+        | grep -v "^\s*$" | tail -30
+    echo "exit: ${PIPESTATUS[0]}"
+    python3 - "$out" <<'PY'
+import json, pathlib, sys
+calib = ("trajectories", "select", "quantize", "reconstruct")
+for f in sorted(pathlib.Path(sys.argv[1], "records").glob("*.json")):
+    r = json.loads(f.read_text()); c = r["cell"]; s = r.get("costs", {}).get("seconds", {})
+    blocks = (r.get("weighting_state") or {}).get("blocks") or []
+    meta = round(sum(b.get("meta_seconds", 0) for b in (blocks.values() if isinstance(blocks, dict) else blocks)), 1)
+    print(f"{c['method']:12s} seed {c['seed']} {r['status']:6s} calibration {sum(s.get(k, 0) for k in calib):7.1f} s "
+          f"(trajectories {s.get('trajectories', 0):.1f}, reconstruct {s.get('reconstruct', 0):.1f}) meta {meta}")
+PY
+    tar czf "$OUT/gac-cost-solo-records.tgz" -C "$out" records logs 2>/dev/null
+    ;;
+w8a8)
+    # Inception weights arrive over several calls: until then FID metrics fail at once (not after
+    # a download attempt) and a later call, with the weights, reruns the failed cells, which then
+    # load their quantized model and samples from the store and compute the metrics only.
+    [ -n "${PTQBENCH_INCEPTION_WEIGHTS:-}" ] || export PTQBENCH_INCEPTION_WEIGHTS=/tmp/no-inception-weights-yet
+    out=/tmp/ptq-results/w8a8-selection
+    timeout "$limit" ptqbench run benchmarks/w8a8_selection.toml -o "$out" --no-progress 2>&1 \
+        | grep -v "^\s*$" | tail -40
+    echo "exit: ${PIPESTATUS[0]}"
+    ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
+    cat "$out/leaderboard.md" 2>/dev/null | head -20
+    tar czf "$OUT/w8a8-selection-records.tgz" -C "$out" records logs leaderboard.md 2>/dev/null
+    ;;
+fid-floor)
+    timeout 300 python3 benchmarks/fid_floor.py "$limit" --json "$OUT/fid-floor-$(basename "$limit").json"
     ;;
 determinism)
     timeout "$limit" python3 benchmarks/determinism.py benchmarks/determinism.toml "$@" \

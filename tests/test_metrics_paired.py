@@ -61,6 +61,26 @@ def test_a_common_shift_is_all_systematic_and_symmetric_noise_none():
     assert out["mse"] == 0.0 and out["fraction"] == 0.0
 
 
+def test_error_tail_by_hand():
+    # 200 samples: 198 one grey level off in one pixel of four, 2 entirely off by 1.0
+    fp = torch.zeros((200, 1, 2, 2), dtype=torch.uint8)
+    q = fp.clone()
+    q[:, 0, 0, 0] = 1
+    q[:2] = 255
+    tail = Paired(bootstrap=0).compute(q, _ctx(fp))["paired_mse"]["tail"]
+    small = (1 / 255) ** 2 / 4
+    assert tail["p50"] == pytest.approx(small) and tail["p90"] == pytest.approx(small)
+    assert tail["max"] == 1.0
+    total = 2 * 1.0 + 198 * small
+    assert tail["share_worst_1pct"] == pytest.approx(2.0 / total)  # 1% of 200 = the 2 bad ones
+    assert tail["share_worst_10pct"] == pytest.approx((2.0 + 18 * small) / total)
+    # the 99% quantile interpolates between the 2nd (1.0) and 3rd (small) largest of 200
+    assert tail["p99"] == pytest.approx(small + 0.01 * (1.0 - small), rel=1e-9)
+    even = Paired(bootstrap=0).compute(torch.full_like(fp, 1), _ctx(fp))["paired_mse"]["tail"]
+    assert even["share_worst_1pct"] == pytest.approx(0.01)
+    assert even["share_worst_10pct"] == pytest.approx(0.10)
+
+
 def test_identical_sample_gets_the_largest_finite_uint8_psnr():
     q, fp = _pair()
     q[1] = fp[1]

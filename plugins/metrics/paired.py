@@ -10,7 +10,10 @@ samples with a 95% percentile-bootstrap interval (``bootstrap`` resamples, fixed
 sample (the mean error image's MSE, its fraction of the paired MSE, and the mean error per
 channel; :func:`ptqbench.metrics.paired.systematic_error`). FID weighs such a shift fully, so a
 method can have lower paired MSE and higher FID-to-FP than another when more of its error is
-systematic (issue 11's open question at W8A8).
+systematic (issue 11's open question at W8A8). ``paired_mse.tail`` says how the error spreads
+over samples: quantiles of MSE_i and the share of the summed MSE held by the worst 1% and 10% of
+samples (a few trajectories that end in another image move FID-to-FP far more than a small error
+spread over all samples).
 
 On the reference (FP) cell the samples are the FP samples: ``paired_mse`` is 0 and
 ``paired_psnr`` is unavailable.
@@ -27,7 +30,7 @@ import torch
 from ptqbench import Metric, MetricContext, hookimpl
 from ptqbench.errors import PtqbenchError
 from ptqbench.metrics.bootstrap import bootstrap_mean
-from ptqbench.metrics.paired import per_sample_mse, psnr_from_mse, systematic_error
+from ptqbench.metrics.paired import error_tail, per_sample_mse, psnr_from_mse, systematic_error
 
 _SPEC = {"bootstrap": (1000, 0), "seed": (0, 0), "chunk": (1024, 1)}
 
@@ -81,6 +84,7 @@ class Paired(Metric):
                 out["ci_method"] = f"percentile bootstrap of the mean, {boot} resamples, seed {seed}"
         psnr["identical"] = int((per_mse == 0).sum())
         mse["systematic"] = systematic_error(samples, fp, self.cfg["chunk"])
+        mse["tail"] = error_tail(per_mse)
         return {"paired_mse": mse, "paired_psnr": psnr}
 
     def identity(self) -> dict:

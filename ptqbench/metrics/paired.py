@@ -46,6 +46,22 @@ def systematic_error(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024)
             "channel_shift": [float(c) for c in m.flatten(1).mean(1)]}
 
 
+def error_tail(per_mse: torch.Tensor) -> dict:
+    """How the paired error is spread over samples: quantiles of the per-sample MSE and the
+    share of the summed MSE that the worst 1% and 10% of samples hold (at least one sample each;
+    1% and 10% when every sample has the same error)."""
+    v = per_mse.to(torch.float64).flatten().sort(descending=True).values
+    n, total = v.numel(), float(v.sum())
+    q = torch.quantile(v, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+
+    def share(frac: float) -> float:
+        k = max(1, math.ceil(frac * n))
+        return float(v[:k].sum()) / total if total > 0 else k / n
+
+    return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(v[0]),
+            "share_worst_1pct": share(0.01), "share_worst_10pct": share(0.10)}
+
+
 def psnr_from_mse(mse: torch.Tensor, values_per_sample: int) -> torch.Tensor:
     """PSNR (peak 1) per sample; MSE 0 maps to the largest finite uint8 PSNR (see module doc)."""
     cap = 10 * math.log10(255.0 ** 2 * values_per_sample)
