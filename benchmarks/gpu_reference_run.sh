@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_reference_run.sh gac-cost SECONDS     # benchmarks/gac_cost_solo.toml, alone
 #   bash benchmarks/gpu_reference_run.sh w8a8 SECONDS         # benchmarks/w8a8_selection.toml
 #   bash benchmarks/gpu_reference_run.sh fid-floor DIR        # benchmarks/fid_floor.py on DIR
+#   bash benchmarks/gpu_reference_run.sh dit SECONDS          # family smoke, paper dry run, DiT cells
+#   bash benchmarks/gpu_reference_run.sh export-samples DIR   # DIR's samples to $OUT, what fits
 # Results are copied to $OUT.
 set -u
 stage=${1:?stage}
@@ -71,6 +73,44 @@ w8a8)
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     cat "$out/leaderboard.md" 2>/dev/null | head -20
     tar czf "$OUT/w8a8-selection-records.tgz" -C "$out" records logs leaderboard.md 2>/dev/null
+    ;;
+dit)
+    t0=$(date +%s)
+    timeout 120 python3 benchmarks/family_smoke.py --device cuda -o /tmp/ptq-results 2>&1 | tail -12
+    cp /tmp/ptq-results/family_smoke.json "$OUT/" 2>/dev/null
+    ptqbench run suites/paper.toml --dry-run 2>&1 | tail -25
+    out=/tmp/ptq-results/cifar10-dit-s-gpu
+    timeout $(( limit - ($(date +%s) - t0) )) ptqbench run benchmarks/cifar10-dit-s-gpu.toml -o "$out" \
+        --no-progress 2>&1 | grep -v "^\s*$" | tail -30
+    echo "exit: ${PIPESTATUS[0]}"
+    ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
+    cat "$out/leaderboard.md" 2>/dev/null | head -20
+    tar czf "$OUT/cifar10-dit-s-gpu-records.tgz" -C "$out" records logs leaderboard.md 2>/dev/null
+    ;;
+export-samples)
+    # the finished cells' samples travel back (two cells per .tar.xz, at most 56 MB a call), for
+    # Inception metrics on this side when the weights are not on the GPU machine; a later call
+    # sends what did not fit (exported groups are listed in DIR/exported.txt)
+    python3 - "$limit" "$OUT" <<'PY'
+import json, pathlib, subprocess, sys
+root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+done_file = root / "exported.txt"
+done = set(done_file.read_text().split()) if done_file.exists() else set()
+keys = sorted({json.loads(f.read_text())["gen_key"] for f in (root / "records").glob("*.json")
+               if json.loads(f.read_text())["status"] == "ok"} - done)
+total = 0
+for i in range(0, len(keys), 2):
+    group = keys[i:i + 2]
+    name = out / f"samples-{root.name}-{group[0][:8]}.tar.xz"
+    subprocess.run(["tar", "-I", "xz -T16 -6", "-cf", str(name), "-C", str(root)]
+                   + [f"samples/{k}" for k in group], check=True)
+    size = name.stat().st_size
+    if total + size > 56e6 or len(list(out.iterdir())) > 7:
+        name.unlink(); print("left for a later call:", len(keys) - i, "sample sets"); break
+    total += size; done.update(group)
+    print(f"{name.name}: {size / 1e6:.1f} MB")
+done_file.write_text("\n".join(sorted(done)))
+PY
     ;;
 fid-floor)
     timeout 300 python3 benchmarks/fid_floor.py "$limit" --json "$OUT/fid-floor-$(basename "$limit").json"
