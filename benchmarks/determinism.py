@@ -50,8 +50,12 @@ def main(argv=None) -> int:
     chosen = select_cells(cells, **select) if select else cells
     root = Path(args.out)
     runs = [("deterministic #1", True), ("deterministic #2", True), ("default", False)]
-    results = [(label,) + run_once(args.suite, select, root / f"run{i}", det)
-               for i, (label, det) in enumerate(runs)]
+    results = []
+    for i, (label, det) in enumerate(runs):  # each run reported as it ends (a call may be cut)
+        records, seconds = run_once(args.suite, select, root / f"run{i}", det)
+        results.append((label, records, seconds))
+        print(f"{label}: {seconds:.1f} s, " + ", ".join(
+            f"{r['cell']['method']} {r['status']}" for r in records.values()), flush=True)
     report, identical = [], True
     print(f"{'cell':44s} {'run':17s} {'status':7s} {'calib s':>8s} {'sample s':>9s}  paired_mse")
     for cell in chosen:

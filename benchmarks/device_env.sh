@@ -17,7 +17,7 @@ export PATH=/tmp/site/bin:$PATH
 mkdir -p /tmp/ptq-data ../shared
 [ -e ../shared/data ] || ln -s /tmp/ptq-data ../shared/data
 # data carried in this call (.carry/<name>/data/...) joins what earlier calls left in /tmp/ptq-data
-for d in .carry/*/data; do [ -d "$d" ] && cp -rn "$d"/. /tmp/ptq-data/; done
+for d in .carry/*/data; do [ -d "$d" ] && cp -rn "$d"/. /tmp/ptq-data/ 2>/dev/null; done
 # arrays that travel xz-compressed to fit a call (the CIFAR images: 15.6 -> 11.8 MB)
 find /tmp/ptq-data -name '*.xz' | while read -r f; do
     [ -f "${f%.xz}" ] || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "${f%.xz}"

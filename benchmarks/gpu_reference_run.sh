@@ -15,20 +15,32 @@
 #   bash benchmarks/gpu_reference_run.sh dit SECONDS          # family smoke, paper dry run, DiT cells
 #   bash benchmarks/gpu_reference_run.sh export-samples DIR   # DIR's samples to $OUT, what fits
 # Results are copied to $OUT.
+# Several stages in one device call: set one deadline for all of them first, so that each stage's
+# limit shrinks to what is left and the call is never killed before its output is printed:
+#   export DEADLINE=$(( $(date +%s) + 560 )); bash ... gac-cost 330; bash ... w8a8 400
+# Output streams as it comes (the device returns its last 12,000 characters), minus blank lines
+# and checkpoint-loading bars.
 set -u
 stage=${1:?stage}
 limit=${2:-540}
 shift; [ $# -gt 0 ] && shift
+if [ -n "${DEADLINE:-}" ] && [[ "$limit" =~ ^[0-9]+$ ]]; then
+    left=$(( DEADLINE - $(date +%s) - 20 ))
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -lt 1 ] && { echo "$stage: no time left before DEADLINE"; exit 124; }
+fi
+echo "== $stage (limit ${limit}s) $(date +%T)"
 source benchmarks/device_env.sh >/dev/null
 export PYTHONUNBUFFERED=1
+quiet() { grep --line-buffered -v -e '^\s*$' -e 'Loading checkpoint shards' -e 'non-portable'; }
 case "$stage" in
 smoke)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     timeout "$limit" python3 -m pytest -q -x -p no:cacheprovider tests/test_reconstruction_gpu.py \
-        tests/test_reconstruction_dataflow.py 2>&1 | tail -15
+        tests/test_reconstruction_dataflow.py 2>&1 | quiet
     ;;
 determinism-tiny)
-    timeout "$limit" python3 -m pytest -q -x -p no:cacheprovider tests/test_determinism.py 2>&1 | tail -15
+    timeout "$limit" python3 -m pytest -q -x -p no:cacheprovider tests/test_determinism.py 2>&1 | quiet
     ;;
 evidence)
     out=/tmp/ptq-results/cifar10-s
@@ -36,7 +48,7 @@ evidence)
     # several worker processes share the GPU; MPS lets their kernels overlap where it starts
     nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started" || echo "no MPS"
     timeout "$limit" ptqbench run benchmarks/cifar10-s-one-gpu.toml -o "$out" --no-progress "$@" \
-        2>&1 | grep -v "^\s*$" | tail -60
+        2>&1 | quiet
     echo "exit: ${PIPESTATUS[0]}"
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     ptqbench report "$out" --format csv -o "$out/leaderboard.csv" >/dev/null 2>&1
@@ -47,7 +59,7 @@ evidence)
 gac-cost)
     out=/tmp/ptq-results/gac-cost-solo
     timeout "$limit" ptqbench run benchmarks/gac_cost_solo.toml -o "$out" --no-progress 2>&1 \
-        | grep -v "^\s*$" | tail -30
+        | quiet
     echo "exit: ${PIPESTATUS[0]}"
     python3 - "$out" <<'PY'
 import json, pathlib, sys
@@ -68,7 +80,7 @@ w8a8)
     [ -n "${PTQBENCH_INCEPTION_WEIGHTS:-}" ] || export PTQBENCH_INCEPTION_WEIGHTS=/tmp/no-inception-weights-yet
     out=/tmp/ptq-results/w8a8-selection
     timeout "$limit" ptqbench run benchmarks/w8a8_selection.toml -o "$out" --no-progress 2>&1 \
-        | grep -v "^\s*$" | tail -40
+        | quiet
     echo "exit: ${PIPESTATUS[0]}"
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     cat "$out/leaderboard.md" 2>/dev/null | head -20
@@ -76,12 +88,12 @@ w8a8)
     ;;
 dit)
     t0=$(date +%s)
-    timeout 120 python3 benchmarks/family_smoke.py --device cuda -o /tmp/ptq-results 2>&1 | tail -12
+    timeout $(( limit / 4 )) python3 benchmarks/family_smoke.py --device cuda -o /tmp/ptq-results 2>&1 | quiet
     cp /tmp/ptq-results/family_smoke.json "$OUT/" 2>/dev/null
-    ptqbench run suites/paper.toml --dry-run 2>&1 | tail -25
+    ptqbench run suites/paper.toml --dry-run 2>&1 | quiet | tail -25
     out=/tmp/ptq-results/cifar10-dit-s-gpu
     timeout $(( limit - ($(date +%s) - t0) )) ptqbench run benchmarks/cifar10-dit-s-gpu.toml -o "$out" \
-        --no-progress 2>&1 | grep -v "^\s*$" | tail -30
+        --no-progress 2>&1 | quiet
     echo "exit: ${PIPESTATUS[0]}"
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     cat "$out/leaderboard.md" 2>/dev/null | head -20
@@ -117,13 +129,13 @@ fid-floor)
     ;;
 determinism)
     timeout "$limit" python3 benchmarks/determinism.py benchmarks/determinism.toml "$@" \
-        --json "$OUT/determinism.json" 2>&1 | grep -v "^\s*$" | tail -40
+        --json "$OUT/determinism.json" 2>&1 | quiet
     ;;
 trace)
     for bits in W4A8 W8A8; do
         timeout "$limit" python3 benchmarks/gac_trace.py ../shared/data/models/cifar10-ddpm-s \
             --blocks conv_in --bits "$bits" --cache /tmp/ptq-trace-cache \
-            --json "$OUT/gac-trace-$bits.json" 2>&1 | grep -v "Loading checkpoint" | tail -25
+            --json "$OUT/gac-trace-$bits.json" 2>&1 | quiet
     done
     ;;
 seed-records)
