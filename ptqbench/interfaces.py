@@ -126,18 +126,24 @@ class ModelAdapter(Plugin, ABC):
         (decode them with :meth:`decode`). ``on_step(k, x_t, t)`` sees each step's input."""
         from .quant.context import sampler_step
 
-        sampler = sampler if sampler is not None else self.make_sampler(spec)
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        cond = self.conditioning(idx, seed)
-        cond = None if cond is None else cond.to(device)
-
-        def denoise(x, t, k):
+        def denoise(x, t, k, cond):
             # per-timestep activation parameters (TFMQ-style) select their set by step index
             with sampler_step(k):
                 return self.guided_denoise(model, x, t, cond)
 
-        return sampler.run(denoise, tuple(self.sample_shape), list(indices), seed, device,
-                           on_step=on_step)
+        return self.run_sampler(denoise, spec, indices, seed, device, on_step, sampler)
+
+    def run_sampler(self, denoise: Callable, spec, indices, seed: int, device: torch.device,
+                    on_step: Optional[Callable] = None, sampler: Any = None) -> torch.Tensor:
+        """The sampling loop of :meth:`sample` around another model call: ``denoise(x, t, k,
+        cond)`` returns one sampler step's guided output (e.g. the fast sampling path's
+        denoiser); the conditioning of sample ``indices`` is drawn here, as in :meth:`sample`."""
+        sampler = sampler if sampler is not None else self.make_sampler(spec)
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        cond = self.conditioning(idx, seed)
+        cond = None if cond is None else cond.to(device)
+        return sampler.run(lambda x, t, k: denoise(x, t, k, cond), tuple(self.sample_shape),
+                           list(indices), seed, device, on_step=on_step)
 
 
 # --------------------------------------------------------------------------------------------

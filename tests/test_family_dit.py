@@ -144,3 +144,38 @@ def test_trained_dit_stand_in_rtn_and_reconstruction(shared_data, tmp_path):
     rtn = recs[("rtn", "W8A8")]
     assert rtn["coverage"]["counts"]["quantized_matmuls"] == 16  # 8 blocks x 2 matmuls
     assert np.isfinite(recs[("qdiffusion", "W8A8")]["metrics"]["paired_mse"]["value"])
+
+
+def test_fast_sampling_path_of_a_quantized_conditional_model_equals_the_reference(tmp_path):
+    """Guided sampling on the fast path (folded weights, table activation quantizers; both
+    guidance passes in one call) gives the reference loop's samples, with per-step activation
+    parameters, learned variance and the stochastic DDPM sampler; so do the trajectory-error
+    pass and the reference denoiser, which now share the adapter's loop."""
+    from ptqbench.pipeline.trajectory_error import trajectory_error
+    from ptqbench.quant.fast import Execution, make_denoiser
+    from ptqbench.quant.model import fold_weights
+    from ptqbench.quant.testing import random_calib
+
+    folder, _, _ = build_dit(tmp_path / "lv", learned_variance=True)
+    a = DiT(path=str(folder), guidance_scale=4.0)
+    fp = a.load(CPU)
+    spec = SamplerSpec(kind="ddpm", steps=3, spacing="linspace")
+    recipe = QuantRecipe.from_options("W4A8", weight_init="minmax", act_init="minmax",
+                                      act_params="per_step", sampler_steps=3)
+    q, _ = quantize_model(fp, recipe, a)
+    calib = random_calib(12, shape=a.sample_shape, num_steps=3)
+    calib.cond = torch.arange(12) % 6  # labels 0..4 and the null class 5
+    calibrate_activation_ranges(q, a, calib, 6, "cpu")
+    fold_weights(q)
+    with torch.inference_mode():
+        ref = a.sample(q, spec, [0, 1, 2], 7, CPU)
+        out = {}
+        for mode in ("reference", "fast"):
+            denoise, info = make_denoiser(a, q, Execution.from_options(mode), CPU, True)
+            assert info["manifest"]["mode"] == mode
+            out[mode] = a.run_sampler(denoise, spec, [0, 1, 2], 7, CPU)
+    assert torch.equal(out["reference"], ref)
+    assert (out["fast"] - ref).abs().max().item() <= 1e-5
+    assert not torch.equal(ref, a.sample(fp, spec, [0, 1, 2], 7, CPU))  # quantization shows
+    err = trajectory_error(a, fp, q, spec, seed=7, num_samples=2, device=CPU)
+    assert "unavailable" not in err and len(err["x_mse"]) == 4 and err["x_mse"][-1] > 0

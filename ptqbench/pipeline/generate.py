@@ -49,18 +49,11 @@ def generate_range(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerS
                           start=indices.start)
     if not todo:
         return
-    # the adapter owns the loop: conditioning, guidance and the sampler kind are its business
+    # the adapter owns the loop: conditioning, guidance and the sampler kind are its business;
+    # the denoiser call (reference, or the fast path: folded weights, compiled / graphed) is ours
     sampler = adapter.make_sampler(spec)
-    # The fast path (folded weights, compiled denoiser) replaces the denoiser call of
-    # unconditional adapters; conditional ones (guidance passes) sample on the reference path.
-    conditional = adapter.conditioning(torch.arange(1), seed) is not None
     ex = execution or Execution("reference")
-    if conditional and ex.mode != "reference":
-        ex = Execution("reference")
-    denoise, info = (make_denoiser(adapter, model, ex, device, quantized)
-                     if not conditional else (None, {"execution": ex.record(),
-                                                     "manifest": {"mode": "reference",
-                                                                  "reason": "conditional adapter"}}))
+    denoise, info = make_denoiser(adapter, model, ex, device, quantized)
     if numerics is not None:
         numerics.update(info)
 
@@ -68,10 +61,7 @@ def generate_range(adapter: ModelAdapter, model: torch.nn.Module, spec: SamplerS
         if store.has_shard(gen_key, idx):
             return  # another worker finished it since we listed the missing chunks
         with torch.inference_mode():
-            if denoise is None:
-                x0 = adapter.sample(model, spec, idx, seed, device, sampler=sampler)
-            else:
-                x0 = sampler.run(denoise, tuple(adapter.sample_shape), list(idx), seed, device)
+            x0 = adapter.run_sampler(denoise, spec, idx, seed, device, sampler=sampler)
             images = adapter.decode(x0).cpu().numpy()
         store.write_shard(gen_key, idx.start, images)
 

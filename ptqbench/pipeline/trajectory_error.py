@@ -14,7 +14,7 @@ import torch
 
 from ..interfaces import ModelAdapter
 from ..quant.context import sampler_step
-from ..sampling import DDIMSampler, SamplerSpec
+from ..sampling import SamplerSpec
 
 #: how many paired seeds are followed step by step (a second, small sampling pass per cell)
 TRAJECTORY_ERROR_SAMPLES = 16
@@ -39,31 +39,31 @@ def trajectory_error(adapter: ModelAdapter, fp_model: torch.nn.Module, qmodel: t
     paired seeds. ``x_mse[k]``: mean squared difference of x_t entering step k (k = steps: the
     final output x_0); ``out_mse[k]``: of the model outputs at step k. ``*_ci``: 95% intervals
     over the samples."""
-    sampler = DDIMSampler(spec, adapter.scheduler_config)
+    sampler = adapter.make_sampler(spec)  # the adapter's loop: sampler kind, guidance passes
     indices = range(num_samples)
     states: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
 
-    def fp_denoise(x, t, k):
-        out = adapter.denoise(fp_model, x, t)
+    def fp_denoise(x, t, k, cond):
+        out = adapter.guided_denoise(fp_model, x, t, cond)
         outputs.append(out.float())
         return out
 
     x_mse: list[torch.Tensor] = []
     out_mse: list[torch.Tensor] = []
 
-    def q_denoise(x, t, k):
+    def q_denoise(x, t, k, cond):
         with sampler_step(k):  # per-timestep activation parameters pick their set by step
-            out = adapter.denoise(qmodel, x, t)
+            out = adapter.guided_denoise(qmodel, x, t, cond)
         out_mse.append(_per_sample_mse(out, outputs[k]).cpu())
         return out
 
     with torch.inference_mode():
-        fp_x0 = sampler.run(fp_denoise, adapter.sample_shape, indices, seed, device,
-                            on_step=lambda k, x, t: states.append(x.float().clone()))
-        q_x0 = sampler.run(q_denoise, adapter.sample_shape, indices, seed, device,
-                           on_step=lambda k, x, t: x_mse.append(
-                               _per_sample_mse(x, states[k]).cpu()))
+        fp_x0 = adapter.run_sampler(fp_denoise, spec, indices, seed, device, sampler=sampler,
+                                    on_step=lambda k, x, t: states.append(x.float().clone()))
+        q_x0 = adapter.run_sampler(q_denoise, spec, indices, seed, device, sampler=sampler,
+                                   on_step=lambda k, x, t: x_mse.append(
+                                       _per_sample_mse(x, states[k]).cpu()))
         x_mse.append(_per_sample_mse(q_x0, fp_x0).cpu())
     xs = [_mean_ci(v) for v in x_mse]
     outs = [_mean_ci(v) for v in out_mse]

@@ -304,7 +304,7 @@ def prepare_for_sampling(model: nn.Module, execution: Execution) -> PreparedMode
 # the denoiser call
 # --------------------------------------------------------------------------------------------
 class FastDenoiser:
-    """``denoise(x, t, k)`` for the sampler: sets the step index, then runs the prepared model
+    """``denoise(x, t, k, cond)`` for the sampler: sets the step index, then runs the prepared model
     eagerly, compiled, and/or replayed from one CUDA graph per input shape. Returns fp32.
 
     ``call(model, x, t, cond)`` is the adapter's denoise (e.g. ``adapter.denoise``).
@@ -382,20 +382,23 @@ def _precision(tf32: bool):
 
 def make_denoiser(adapter, model: nn.Module, execution: Execution, device,
                   quantized: bool) -> tuple[Callable, dict]:
-    """The sampler's ``denoise(x, t, k)`` for ``model`` under ``execution`` (resolved here), and
-    the record of what ran: the resolved settings and the execution manifest."""
+    """The sampler's ``denoise(x, t, k, cond=None)`` for ``model`` under ``execution`` (resolved
+    here): one step's guided output (``adapter.guided_denoise``; for an unconditional adapter the
+    plain model call), and the record of what ran: the resolved settings and the manifest. Use it
+    with ``adapter.run_sampler``, which draws each sample's conditioning."""
     from .context import sampler_step
 
     ex = execution.resolved(device, quantized)
     if ex.mode == "reference":
-        def denoise(x, t, k):
+        def denoise(x, t, k, cond=None):
             with sampler_step(k), _precision(ex.tf32):
-                return adapter.denoise(model, x, t)
+                return adapter.guided_denoise(model, x, t, cond)
         return denoise, {"execution": ex.record(), "manifest": {"mode": "reference"}}
     prepared = prepare_for_sampling(model, ex)
-    fd = FastDenoiser(prepared, adapter.denoise)
-    return (lambda x, t, k: fd(x, t, k)), {"execution": ex.record(),
-                                            "manifest": prepared.manifest}
+    # the guidance passes (one batch) and their combination run inside the compiled / graphed call
+    fd = FastDenoiser(prepared, adapter.guided_denoise)
+    return (lambda x, t, k, cond=None: fd(x, t, k, cond)), {"execution": ex.record(),
+                                                             "manifest": prepared.manifest}
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,13 +424,11 @@ def int8_check(adapter, model: nn.Module, spec, seed: int, batch_size: int, devi
                execution: Execution) -> dict:
     """Paired difference between int8 samples and the simulated (fast fp32) samples of the same
     seeds: the first ``int8_check_samples`` sample indices, both ways."""
-    from ..sampling import DDIMSampler
-
     n = int(execution.int8_check_samples)
     if n == 0:
         return {"samples": 0}
     simulated = dataclasses.replace(execution, mode="fast", dtype="fp32", tf32=False)
-    sampler = DDIMSampler(spec, adapter.scheduler_config)
+    sampler = adapter.make_sampler(spec)  # the adapter's loop: its sampler kind and guidance
     outs = {}
     for name, ex in (("int8", execution), ("simulated", simulated)):
         denoise, _ = make_denoiser(adapter, model, ex, device, True)
@@ -435,8 +436,8 @@ def int8_check(adapter, model: nn.Module, spec, seed: int, batch_size: int, devi
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
             with torch.inference_mode():
-                parts.append(sampler.run(denoise, adapter.sample_shape, idx, seed,
-                                         torch.device(device)).float().cpu())
+                parts.append(adapter.run_sampler(denoise, spec, idx, seed, torch.device(device),
+                                                 sampler=sampler).float().cpu())
         outs[name] = torch.cat(parts)
     diff = outs["int8"] - outs["simulated"]
     img = (adapter.decode(outs["int8"]).float() - adapter.decode(outs["simulated"]).float()) / 255
