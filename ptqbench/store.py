@@ -16,37 +16,18 @@ workers on many hosts may write one folder: see :mod:`ptqbench.locks` for the ru
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
+from .atomic import atomic_write_bytes  # noqa: F401  (re-exported: results' writers use it)
+from .atomic import atomic_write_json as _atomic_json
 from .locks import exclusive_lock, is_locked
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
-                                        allow_nan=True).encode())
+    _atomic_json(path, obj, default=_json_default)
 
 
 def _json_default(o):

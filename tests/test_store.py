@@ -44,3 +44,31 @@ def test_records_roundtrip(tmp_path):
     assert store.read_record("k1") == {"status": "ok", "x": 1.5}
     assert store.read_record("missing") is None
     assert len(list(store.records())) == 1
+
+
+def test_a_killed_writer_leaves_a_temp_file_that_the_next_run_removes(tmp_path):
+    """A writer killed between writing its temporary file and the rename leaves the file; the
+    sweep at the start of a run removes it when its process is dead, and never a live
+    process's or another host's."""
+    import subprocess
+    import sys
+
+    from ptqbench.atomic import _HOST, sweep_orphans, temp_path
+
+    target = tmp_path / "records" / "abc.json"
+    target.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    orphan = target.with_name(f".abc.json.{_HOST}~{int(dead.stdout)}~0123abcd.tmp")
+    orphan.write_text("{half")
+    live = temp_path(target)  # this process: alive
+    live.write_text("{writing")
+    other_host = target.with_name(f".abc.json.elsewhere~{int(dead.stdout)}~0123abcd.tmp")
+    other_host.write_text("{")
+    foreign = target.with_name("notes.tmp")  # not ours: never touched
+    foreign.write_text("x")
+    assert sweep_orphans(tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and other_host.exists() and foreign.exists()
+    atomic_write_json(target, {"v": 3})  # the writer's own temp file is gone after the rename
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(
+        [live.name, other_host.name, "abc.json", "notes.tmp"])

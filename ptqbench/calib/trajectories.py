@@ -41,6 +41,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import PtqbenchError
 from ..interfaces import ModelAdapter, Trajectories
 from ..locks import exclusive_lock
@@ -393,9 +394,7 @@ def get_trajectories(adapter: ModelAdapter, fp_model: torch.nn.Module, sampler_s
                 "device": str(device), "torch": torch.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            tmp = partial / "manifest.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=1))
-            os.replace(tmp, partial / "manifest.json")
+            atomic_write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
             os.rename(partial, final)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from ..atomic import atomic_torch_save, atomic_write_text  # noqa: F401  (re-exported)
+
 #: a memoised hash is trusted only for files last modified this long before it was taken
 RACY_SECONDS = 2.0
 _CHUNK = 8 << 20
@@ -96,27 +98,3 @@ class HashMemo:
         if disk is not None:
             atomic_write_text(disk, json.dumps(entry))
         return value, True
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` atomically (temp file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from typing import Optional
 from rich.markup import escape
 
 from .. import numerics
+from ..atomic import sweep_orphans
 from ..environment import code_identity
 from ..errors import PtqbenchError
 from ..registry import Registry
@@ -123,6 +124,8 @@ def run_suite(suite_path=None, output: Optional[str | Path] = None,
         cells = select_cells(cells, **select)
     runner = make_runner(loaded, registry, output, reporter)
     summary = RunSummary(cells=cells, output=runner.store.root)
+    # temporary files of writers killed mid-write (an earlier run, kill -9): never results
+    sweep_orphans(runner.store.root)
     todo = []
     code = code_identity()
     for cell in cells:

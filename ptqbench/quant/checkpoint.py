@@ -7,14 +7,12 @@ state strictly: outputs are reproduced exactly.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_torch_save
 from ..errors import PtqbenchError
 from ..interfaces import ModelAdapter
 from .model import quant_layers, quant_meta, quantize_model
@@ -23,18 +21,7 @@ from .recipe import QuantRecipe
 FORMAT = "ptqbench-quant/1"
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+atomic_save = atomic_torch_save  # a kill never leaves half a checkpoint
 
 
 def weight_forms(qmodel: nn.Module) -> dict[str, str]:
