@@ -192,8 +192,8 @@ def test_kill_and_resume_equals_uninterrupted(unet, tmp_path):
     only = FEW[:5]
     opts = {**FAST, "iters_w": 10, "iters_a": 5}
     adapter, q_ref, calib = _setup(unet, only=only)
-    BRECQ(**opts).reconstruct(unet, q_ref, adapter, calib, None, UniformWeights(),
-                              _ctx(tmp_path / "ref"))
+    res_ref = BRECQ(**opts).reconstruct(unet, q_ref, adapter, calib, None, UniformWeights(),
+                                        _ctx(tmp_path / "ref"))
     # killed while the third block starts: two blocks are checkpointed
     adapter, q1, calib = _setup(unet, only=only)
     with pytest.raises(KeyboardInterrupt):
@@ -205,6 +205,10 @@ def test_kill_and_resume_equals_uninterrupted(unet, tmp_path):
     res = BRECQ(**opts).reconstruct(unet, q2, adapter, calib, None, UniformWeights(),
                                     _ctx(tmp_path / "run"))
     assert [b.get("resumed", False) for b in res["blocks"]] == [True, True, False, False, False]
+    # nothing of the record is lost: the resumed blocks carry what the killed run measured
+    from ptqbench.reproducible import differences
+    assert differences({"reconstruction": res}, {"reconstruction": res_ref}, limit=20) == []
+    assert all(b["phases"] and b["seconds"] > 0 for b in res["blocks"])
     ref = q_ref.state_dict()
     for k, v in q2.state_dict().items():
         assert torch.equal(v, ref[k]), k

@@ -278,14 +278,14 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAda
                         c.capture_inputs(b, st, qmodel, q_units)
             runner = UnitRunner(b, info.name, kind, qunit, fpunit, caches["calib"], cfg, per_step)
             entry = {"name": info.name, "kind": kind}
-            if ckpt is not None and ckpt.done(info.name):
-                ckpt.load(info.name, qunit)
+            resumed = ckpt is not None and ckpt.done(info.name)
+            if resumed:
+                # the unit's results (losses, held-out MSE, time) as the run that made it recorded
+                entry.update(ckpt.load(info.name, qunit))
                 entry["resumed"] = True
             else:
                 entry.update(_reconstruct_unit(runner, caches, weighting, cfg, context, device,
                                                info.name, kind, split, meta))
-                if ckpt is not None:
-                    ckpt.save(info.name, qunit)
             for c in caches.values():
                 if info.last_use > b:
                     for st in quantized_streams:
@@ -295,10 +295,15 @@ def reconstruct_blocks(fp_model: nn.Module, qmodel: nn.Module, adapter: ModelAda
                 c.drop_inputs()
                 c.free_dead(b)
             _sync(device)
-            entry["seconds"] = time.perf_counter() - t0
-            entry.update(_peak_memory(device))
-            entry["cache_bytes_device"] = store.bytes_device
-            entry["cache_bytes_host"] = store.bytes_host
+            if resumed:
+                entry["resume_seconds"] = time.perf_counter() - t0
+            else:
+                entry["seconds"] = time.perf_counter() - t0
+                entry.update(_peak_memory(device))
+                entry["cache_bytes_device"] = store.bytes_device
+                entry["cache_bytes_host"] = store.bytes_host
+                if ckpt is not None:
+                    ckpt.save(info.name, qunit, entry)
             results.append(entry)
             advance(1)
     folded = fold_weights(qmodel)
@@ -804,12 +809,15 @@ class _Checkpoints:
     def done(self, name: str) -> bool:
         return self._path(name).exists()
 
-    def save(self, name: str, unit: nn.Module) -> None:
+    def save(self, name: str, unit: nn.Module, entry: dict) -> None:
+        """The unit's state and its record entry (JSON text: a resumed record is the same)."""
         atomic_save({"name": name, "forms": weight_forms_of(unit),
-                     "state": {k: v.detach().cpu() for k, v in unit.state_dict().items()}},
+                     "state": {k: v.detach().cpu() for k, v in unit.state_dict().items()},
+                     "entry": json.dumps(entry, allow_nan=True, default=_json_number)},
                     self._path(name))
 
-    def load(self, name: str, unit: nn.Module) -> None:
+    def load(self, name: str, unit: nn.Module) -> dict:
+        """Restore the unit; returns its record entry (empty for checkpoints without one)."""
         data = torch.load(self._path(name), map_location="cpu", weights_only=True)
         if data.get("name") != name:
             raise PtqbenchError(f"checkpoint {self._path(name)} belongs to {data.get('name')}")
@@ -819,6 +827,14 @@ class _Checkpoints:
         for m in unit.modules():
             if isinstance(m, QuantLayer):
                 m.clear_cache()
+        return json.loads(data["entry"]) if "entry" in data else {}
+
+
+def _json_number(value):
+    """Tensors and numpy scalars in a record entry, as JSON numbers (or lists)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def weight_forms_of(unit: nn.Module) -> dict[str, str]:
