@@ -34,7 +34,6 @@ and the command; ``--json`` writes every measurement.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import platform
@@ -43,6 +42,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -377,29 +377,50 @@ def stage_sampling(label, fp, adapter, device, budget, paths, log) -> dict:
     return out
 
 
-def stage_calibration(fp, adapter, device, budget, log) -> dict:
+def stage_calibration(fp, adapter, device, budget, log, work: Optional[Path] = None) -> dict:
+    """W4A8 qdiffusion calibration end to end. With ``work`` (a folder that outlives the call)
+    it resumes across calls: the calibration set is kept there and every reconstructed unit is
+    checkpointed with its record entry, so the total is measured, not extrapolated, even when one
+    device call cannot hold it: trajectories + ranges + the sum of every unit's own seconds (units
+    finished in earlier calls count with the time they took then)."""
     fp = fp.to(device)
     iw, ia = budget["recon_iters"]
     reset_peaks(device)
+    calib_file = None if work is None else work / "calib.pt"
+    if calib_file is not None and calib_file.exists():
+        saved = torch.load(calib_file, weights_only=True)
+        calib = CalibSet(saved["x"], saved["t"], saved["step"])
+        t_traj = float(saved["seconds"])
+    else:
+        t0 = time.perf_counter()
+        calib = calib_from_fp(adapter, fp, device, budget["calib_traj"], budget["calib_steps"])
+        sync(device)
+        t_traj = time.perf_counter() - t0
+        if calib_file is not None:
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save({"x": calib.x, "t": calib.t, "step": calib.step, "seconds": t_traj},
+                       calib_file)
     t0 = time.perf_counter()
-    calib = calib_from_fp(adapter, fp, device, budget["calib_traj"], budget["calib_steps"])
-    sync(device)
-    t_traj = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    recipe = QuantRecipe.from_options("W4A8", split_shortcut=True)
+    # Q-Diffusion's recipe (the qdiffusion preset): shortcut split, quantized attention matmuls
+    recipe = QuantRecipe.from_options("W4A8", split_shortcut=True, quantize_attention=True)
     q, _ = quantize_model(fp, recipe, adapter)
     calibrate_activation_ranges(q, adapter, calib, 256, device)
     sync(device)
     t_ranges = time.perf_counter() - t0
     cfg = ReconConfig.from_options("brecq", {}, {"iters_w": iw, "iters_a": ia,
-                                                 "checkpoint": False, "eval_samples": 256})
-    ctx = RunContext(device=device, seed=0, work_dir=Path(tempfile.mkdtemp()),
+                                                 "checkpoint": work is not None,
+                                                 "eval_samples": 256})
+    ctx = RunContext(device=device, seed=0, work_dir=work or Path(tempfile.mkdtemp()),
                      cache_dir=Path(tempfile.gettempdir()))
     t0 = time.perf_counter()
     res = reconstruction.reconstruct_blocks(fp, q, adapter, calib, None, UniformWeights(), ctx,
                                             cfg, "brecq")
     sync(device)
     t_recon = time.perf_counter() - t0
+    resumed = [b for b in res["blocks"] if b.get("resumed")]
+    if resumed:  # this call's reconstruction time minus reloading, plus the units' own times
+        t_recon = (t_recon - sum(b.get("resume_seconds", 0.0) for b in resumed)
+                   + sum(b.get("seconds", 0.0) for b in resumed))
     rates = defaultdict(lambda: defaultdict(list))
     for b in res["blocks"]:
         kind = b.get("kind") or ("attention" if "attentions" in b["name"] else
@@ -411,6 +432,7 @@ def stage_calibration(fp, adapter, device, budget, log) -> dict:
     total = t_traj + t_ranges + t_recon
     out = {"inputs": len(calib), "iters": [iw, ia], "trajectories_s": t_traj,
            "ranges_s": t_ranges, "reconstruction_s": t_recon, "total_min": total / 60,
+           "units_from_earlier_calls": len(resumed),
            "median_rates": med, **peaks(device), "blocks": len(res["blocks"])}
     # the full budget from the measured rates, for a run that used fewer iterations
     if (iw, ia) != (FULL_W, FULL_A):
@@ -597,6 +619,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="markdown file (default "
                                                 "benchmarks/results/sampling_<mode>.md)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--work", default=None,
+                    help="calibration stage: a folder kept between calls (e.g. /tmp/bench-calib); "
+                         "a killed or timed-out stage resumes from it and reports the whole time")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     budget = dict(BUDGETS[args.mode])
@@ -637,7 +662,8 @@ def main(argv=None) -> int:
         fp = unet_layout(budget["unet"], args.unet)
         ad = UNetAdapter(fp)
         ad.scheduler_config = SCHEDULER
-        results["calibration"] = stage_calibration(fp, ad, device, budget, log)
+        results["calibration"] = stage_calibration(fp, ad, device, budget, log,
+                                                   Path(args.work) if args.work else None)
     if "memory" in stages:
         if args.host_budget_gib is not None:
             _CapturingStore.host_budget = int(args.host_budget_gib * 2**30)

@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_reference_run.sh w8a8 SECONDS         # benchmarks/w8a8_selection.toml
 #   bash benchmarks/gpu_reference_run.sh fid-floor DIR        # benchmarks/fid_floor.py on DIR
 #   bash benchmarks/gpu_reference_run.sh dit SECONDS          # family smoke, paper dry run, DiT cells
+#   bash benchmarks/gpu_reference_run.sh bench-sampling SECONDS  # issue 15: paths, int8, memory
+#   bash benchmarks/gpu_reference_run.sh bench-calibration SECONDS  # 20k+5k, resumes across calls
 #   bash benchmarks/gpu_reference_run.sh export-samples DIR   # DIR's samples to $OUT, what fits
 # Results are copied to $OUT.
 # Several stages in one device call: set one deadline for all of them first, so that each stage's
@@ -98,6 +100,18 @@ dit)
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     cat "$out/leaderboard.md" 2>/dev/null | head -20
     tar czf "$OUT/cifar10-dit-s-gpu-records.tgz" -C "$out" records logs leaderboard.md 2>/dev/null
+    ;;
+bench-sampling)
+    timeout "$limit" python3 benchmarks/bench_sampling.py --mode quick \
+        --out "$OUT/sampling_quick.md" --json "$OUT/sampling_quick.json" 2>&1 | quiet
+    ;;
+bench-calibration)
+    # the whole W4A8 qdiffusion calibration of the 35.7M layout at 20k + 5k iterations: more than
+    # one call; each call resumes from /tmp/bench-calib (machine kept warm between calls)
+    timeout "$limit" python3 benchmarks/bench_sampling.py --mode full --stages calibration \
+        --work /tmp/bench-calib --out "$OUT/calibration_full.md" --json "$OUT/calibration_full.json" \
+        2>&1 | quiet
+    ls /tmp/bench-calib/reconstruction 2>/dev/null | grep -c unit_ | sed 's/^/units checkpointed: /'
     ;;
 export-samples)
     # the finished cells' samples travel back (two cells per .tar.xz, at most 56 MB a call), for
