@@ -46,3 +46,32 @@ def test_compiled_graphed_step_matches_reference(per_step):
         assert (fast - ref).abs().median().item() <= 1e-5 * scale
         assert ((fast - ref) ** 2).mean().item() <= 1e-6 * scale ** 2
         assert ((i8 - ref) ** 2).mean().item() <= 1e-4 * scale ** 2
+
+
+def test_guided_dit_samples_on_the_graphed_fast_path(tmp_path):
+    """A quantized class-conditional DiT: both guidance passes inside one CUDA-graphed call
+    (deterministic mode's fast path: graphs, no compile) give the reference loop's samples."""
+    from ptqbench.families_testing import build_dit
+    from ptqbench.sampling import SamplerSpec
+    from ptqbench_plugins.models.dit import DiT
+
+    dev = torch.device("cuda")
+    folder, _, _ = build_dit(tmp_path / "dit", learned_variance=True)
+    a = DiT(path=str(folder), guidance_scale=4.0)
+    fp = a.load(dev)
+    q, _ = quantize_model(fp, QuantRecipe.from_options(
+        "W8A8", weight_init="minmax", act_init="minmax", act_params="per_step",
+        sampler_steps=3), a)
+    calib = random_calib(12, shape=a.sample_shape, num_steps=3)
+    calib.cond = torch.arange(12) % 6
+    calibrate_activation_ranges(q, a, calib, 6, dev)
+    fold_weights(q)
+    spec = SamplerSpec(kind="ddpm", steps=3, spacing="linspace")
+    with torch.inference_mode():
+        ref = a.sample(q, spec, range(8), 7, dev)
+        denoise, info = make_denoiser(a, q, Execution.from_options("fast", {"compile": False}),
+                                      dev, True)
+        assert info["execution"]["cuda_graphs"] and not info["execution"]["compile"]
+        fast = a.run_sampler(denoise, spec, range(8), 7, dev)
+    scale = ref.abs().max().item()
+    assert ((fast - ref) ** 2).mean().item() <= 1e-6 * scale ** 2
