@@ -81,6 +81,28 @@ def test_error_tail_by_hand():
     assert even["share_worst_10pct"] == pytest.approx(0.10)
 
 
+def test_frequency_split_by_hand():
+    # FP: a smooth ramp; a constant offset is all coarse, a checkerboard all fine-scale
+    fp = torch.arange(16, dtype=torch.uint8).reshape(1, 1, 4, 4).repeat(2, 1, 1, 1) * 4 + 20
+    shifted = fp + 10
+    out = Paired(bootstrap=0).compute(shifted, _ctx(fp))["paired_mse"]["detail"]
+    assert out["hf_fraction"] == pytest.approx(0.0, abs=1e-12)
+    assert out["hf_energy_ratio"] == pytest.approx(1.0)  # same detail, shifted
+    checker = (torch.arange(4).view(4, 1) + torch.arange(4).view(1, 4)) % 2 * 2 - 1  # +-1
+    noisy = (fp.int() + 8 * checker).to(torch.uint8)
+    out = Paired(bootstrap=0).compute(noisy, _ctx(fp))["paired_mse"]["detail"]
+    # by hand: the error e = +-8/255 has 3x3 local means of 0 (interior, 9 cells: 5 vs 4 signs
+    # -> +-1/9), so its high-pass part keeps most of the energy; compute it exactly here
+    e = 8 * checker.double() / 255
+    blur = torch.nn.functional.avg_pool2d(e.view(1, 1, 4, 4), 3, 1, 1, count_include_pad=False)
+    expected = float(((e - blur[0, 0]) ** 2).sum() / (e ** 2).sum())
+    assert out["hf_fraction"] == pytest.approx(expected) and expected > 0.8
+    assert out["hf_energy_ratio"] > 2  # the ramp had little fine detail (its borders); now a lot
+    flat = torch.full((2, 1, 4, 4), 7, dtype=torch.uint8)
+    out = Paired(bootstrap=0).compute(flat + 1, _ctx(flat))["paired_mse"]["detail"]
+    assert out["hf_energy_ratio"] is None and out["hf_fraction"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_identical_sample_gets_the_largest_finite_uint8_psnr():
     q, fp = _pair()
     q[1] = fp[1]

@@ -13,7 +13,9 @@ method can have lower paired MSE and higher FID-to-FP than another when more of 
 systematic (issue 11's open question at W8A8). ``paired_mse.tail`` says how the error spreads
 over samples: quantiles of MSE_i and the share of the summed MSE held by the worst 1% and 10% of
 samples (a few trajectories that end in another image move FID-to-FP far more than a small error
-spread over all samples).
+spread over all samples). ``paired_mse.detail`` says at which scale the error lies (the share
+at the finest scale) and whether the samples gained or lost fine detail against the FP samples
+(:func:`ptqbench.metrics.paired.frequency_split`).
 
 On the reference (FP) cell the samples are the FP samples: ``paired_mse`` is 0 and
 ``paired_psnr`` is unavailable.
@@ -30,7 +32,8 @@ import torch
 from ptqbench import Metric, MetricContext, hookimpl
 from ptqbench.errors import PtqbenchError
 from ptqbench.metrics.bootstrap import bootstrap_mean
-from ptqbench.metrics.paired import error_tail, per_sample_mse, psnr_from_mse, systematic_error
+from ptqbench.metrics.paired import (error_tail, frequency_split, per_sample_mse, psnr_from_mse,
+                                     systematic_error)
 
 _SPEC = {"bootstrap": (1000, 0), "seed": (0, 0), "chunk": (1024, 1)}
 
@@ -85,6 +88,7 @@ class Paired(Metric):
         psnr["identical"] = int((per_mse == 0).sum())
         mse["systematic"] = systematic_error(samples, fp, self.cfg["chunk"])
         mse["tail"] = error_tail(per_mse)
+        mse["detail"] = frequency_split(samples, fp, self.cfg["chunk"])
         return {"paired_mse": mse, "paired_psnr": psnr}
 
     def identity(self) -> dict:
