@@ -9,8 +9,10 @@ os.environ.setdefault("PTQBENCH_LOAD_EXTERNAL_PLUGINS", "0")
 
 import torch  # noqa: E402
 
-# pytest-xdist runs one worker per core: one thread each avoids oversubscription.
+# pytest-xdist runs one worker per core: one thread each avoids oversubscription, also in the
+# processes that tests start (CLI runs, executor workers), which read OMP_NUM_THREADS.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
