@@ -23,9 +23,10 @@ for m in cifar10-ddpm-s:g1 cifar10-dit-s:dit; do
 done
 xz -T0 -6 -c "$data/cifar10-partial/train_x.npy" > .carry/g2/data/cifar10-partial/train_x.npy.xz
 tmp=$(mktemp); xz -T0 -6 -c "$inc" > "$tmp"
-head -c 7500000 "$tmp" > .carry/g1/data/inception/weights.xz.1of3
-tail -c +7500001 "$tmp" | head -c 38500000 > .carry/g2/data/inception/weights.xz.2of3
-tail -c +46000001 "$tmp" > .carry/g3/data/inception/weights.xz.3of3
+# 7.5 MB, 38.5 MB, the rest (blocks of 0.5 MB)
+dd if="$tmp" of=.carry/g1/data/inception/weights.xz.1of3 bs=500000 count=15 status=none
+dd if="$tmp" of=.carry/g2/data/inception/weights.xz.2of3 bs=500000 skip=15 count=77 status=none
+dd if="$tmp" of=.carry/g3/data/inception/weights.xz.3of3 bs=500000 skip=92 status=none
 rm -f "$tmp"
 if [ ! -d .whl ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
