@@ -44,17 +44,18 @@ from ptqbench.store import Store
 
 
 def finished_cells(store: Store) -> list[dict]:
-    """Finished cells whose samples are all in the store."""
+    """Finished cells whose samples are all in the store, with the samples (loaded once)."""
     out = []
     for rec in store.records():
         if rec.get("status") != "ok":
             continue
-        if store.load_samples(rec["gen_key"], rec["num_samples"]) is None:
+        samples = store.load_samples(rec["gen_key"], rec["num_samples"])
+        if samples is None:
             c = rec["cell"]
             print(f"  no samples for {c['method']} {c['bits']} seed {c['seed']}: skipped")
             continue
         out.append({**rec["cell"], "gen_key": rec["gen_key"], "fp_gen_key": rec["fp_gen_key"],
-                    "num_samples": rec["num_samples"],
+                    "samples": samples,
                     "record_fid_to_fp": rec.get("metrics", {}).get("fid_to_fp", {}).get("value")})
     return out
 
@@ -63,7 +64,7 @@ class Features:
     """Pool features of sample sets, computed once and kept in RESULTS/inception-features/."""
 
     def __init__(self, store: Store, fz: InceptionFeaturizer, device: str):
-        self.store, self.fz, self.device = store, fz, device
+        self.fz, self.device = fz, device
         self.folder = store.root / "inception-features"
         self.memo: dict[str, FeatureSet] = {}
 
@@ -80,7 +81,7 @@ class Features:
         return self.memo[name]
 
     def cell(self, c: dict) -> FeatureSet:
-        return self.of(c["gen_key"], self.store.load_samples(c["gen_key"], c["num_samples"]))
+        return self.of(c["gen_key"], c["samples"])
 
 
 def fid(a: FeatureSet, b: FeatureSet, device: str) -> float:

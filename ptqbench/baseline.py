@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .errors import PtqbenchError
-from .store import Store, atomic_write_bytes
+from .atomic import atomic_write_bytes
+from .store import Store
 from .reproducible import fingerprint, samples_sha256
 
 FORMAT = "ptqbench-baseline/1"

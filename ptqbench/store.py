@@ -21,16 +21,17 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .atomic import atomic_write_bytes  # noqa: F401  (re-exported: results' writers use it)
+from .atomic import atomic_write_bytes
 from .atomic import atomic_write_json as _atomic_json
 from .locks import exclusive_lock, is_locked
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    _atomic_json(path, obj, default=_json_default)
+    _atomic_json(path, obj, default=json_value)
 
 
-def _json_default(o):
+def json_value(o):
+    """How a record stores what JSON has no type for (numpy scalars and arrays, paths)."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

@@ -10,7 +10,8 @@ os.environ.setdefault("PTQBENCH_LOAD_EXTERNAL_PLUGINS", "0")
 import torch  # noqa: E402
 
 # pytest-xdist runs one worker per core: one thread each avoids oversubscription, also in the
-# processes that tests start (CLI runs, executor workers), which read OMP_NUM_THREADS.
+# processes that tests start (CLI runs, executor workers), which read OMP_NUM_THREADS: with a
+# thread per core, the killed-and-resumed test's CLI run took over 300 s in CI instead of ~25 s.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

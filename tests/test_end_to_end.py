@@ -115,9 +115,7 @@ def test_killed_run_resumes_without_loss(tmp_path, tiny_model_dir):
     suite = small_tiny_suite(tmp_path, num_samples=48)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ptqbench.cli", "run", str(suite), "-o", str(out), "--no-progress"]
-    # one thread per run: beside the other xdist worker's processes, runs with a thread per core
-    # oversubscribed CI's 2 cores and the resumed run took over 300 s instead of ~25 s
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # one torch thread: conftest's OMP_NUM_THREADS
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     # kill -9 as soon as the first cell has its record: the next cell is then mid-way

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from .fid import FeatureStats, Gaussian, statistics
-from .hashing import atomic_torch_save, sha256_json, sha256_tensor
+from ..atomic import atomic_torch_save
+from .hashing import sha256_json, sha256_tensor
 from .inception import EXTRACTOR_CLASS, InceptionFeaturizer, torch_fidelity_version
 
 CACHE_FORMAT = 1

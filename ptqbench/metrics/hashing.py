@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ..atomic import atomic_torch_save, atomic_write_text  # noqa: F401  (re-exported)
+from ..atomic import atomic_write_text
 
 #: a memoised hash is trusted only for files last modified this long before it was taken
 RACY_SECONDS = 2.0

@@ -12,11 +12,17 @@ import numpy as np
 import torch
 
 
-def _errors(samples: torch.Tensor, fp: torch.Tensor, chunk: int):
-    """(sample - fp) / 255 in float64, ``chunk`` samples at a time (bounded memory)."""
+def _pairs(samples: torch.Tensor, fp: torch.Tensor, chunk: int):
+    """(samples, FP samples) as float64 grey levels, ``chunk`` at a time (bounded memory)."""
     for start in range(0, samples.shape[0], chunk):
         a = samples[start:start + chunk].to(torch.float64)
-        yield (a - fp[start:start + chunk].to(a.device, torch.float64)) / 255.0
+        yield a, fp[start:start + chunk].to(a.device, torch.float64)
+
+
+def _errors(samples: torch.Tensor, fp: torch.Tensor, chunk: int):
+    """(sample - fp) / 255 in float64, ``chunk`` samples at a time."""
+    for a, b in _pairs(samples, fp, chunk):
+        yield (a - b) / 255.0
 
 
 def per_sample_mse(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -64,9 +70,8 @@ def frequency_split(samples: torch.Tensor, fp: torch.Tensor, chunk: int = 1024) 
     err = err_hf = q_hf = fp_hf = 0.0
     # below one grey level in one pixel per million values: rounding of the local mean, no detail
     floor = 1e-6 * (1 / 255) ** 2 * samples[0].numel() * samples.shape[0]
-    for start in range(0, samples.shape[0], chunk):
-        a = samples[start:start + chunk].to(torch.float64) / 255.0
-        b = fp[start:start + chunk].to(a.device, torch.float64) / 255.0
+    for a, b in _pairs(samples, fp, chunk):
+        a, b = a / 255.0, b / 255.0
         e = a - b
         err += float(e.square().sum())
         err_hf += float(_high_pass(e).square().sum())

@@ -21,9 +21,6 @@ from .recipe import QuantRecipe
 FORMAT = "ptqbench-quant/1"
 
 
-atomic_save = atomic_torch_save  # a kill never leaves half a checkpoint
-
-
 def weight_forms(qmodel: nn.Module) -> dict[str, str]:
     forms = {}
     for name, layer in quant_layers(qmodel):
@@ -44,7 +41,7 @@ def prepare_forms(qmodel: nn.Module, forms: dict[str, str]) -> None:
 def save_quantized(qmodel: nn.Module, path) -> None:
     meta = quant_meta(qmodel)
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
-    atomic_save({"format": FORMAT, "recipe": meta["recipe"], "forms": weight_forms(qmodel),
+    atomic_torch_save({"format": FORMAT, "recipe": meta["recipe"], "forms": weight_forms(qmodel),
                  "state_dict": state}, path)
 
 

@@ -20,12 +20,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..atomic import atomic_torch_save
 from ..errors import PtqbenchError
 from ..interfaces import (Block, BlockContext, CalibSet, ModelAdapter, Reconstructor, RunContext,
                           Weighting)
+from ..store import json_value
 from .adaround import BetaSchedule
 from .block_cache import BlockCache, TensorStore, canonical_device, discover
-from .checkpoint import atomic_save, prepare_forms, weight_forms
+from .checkpoint import prepare_forms, weight_forms
 from .context import sampler_step
 from .lsq import ActQuantizer
 from .model import apply_observed_ranges, fold_weights, observe_ranges, quant_layers, quant_meta
@@ -811,10 +813,11 @@ class _Checkpoints:
 
     def save(self, name: str, unit: nn.Module, entry: dict) -> None:
         """The unit's state and its record entry (JSON text: a resumed record is the same)."""
-        atomic_save({"name": name, "forms": weight_forms_of(unit),
-                     "state": {k: v.detach().cpu() for k, v in unit.state_dict().items()},
-                     "entry": json.dumps(entry, allow_nan=True, default=_json_number)},
-                    self._path(name))
+        # the record's own JSON conversion: a resumed entry reads back as the record stores it
+        atomic_torch_save({"name": name, "forms": weight_forms_of(unit),
+                           "state": {k: v.detach().cpu() for k, v in unit.state_dict().items()},
+                           "entry": json.dumps(entry, allow_nan=True, default=json_value)},
+                          self._path(name))
 
     def load(self, name: str, unit: nn.Module) -> dict:
         """Restore the unit; returns its record entry (empty for checkpoints without one)."""
@@ -828,13 +831,6 @@ class _Checkpoints:
             if isinstance(m, QuantLayer):
                 m.clear_cache()
         return json.loads(data["entry"]) if "entry" in data else {}
-
-
-def _json_number(value):
-    """Tensors and numpy scalars in a record entry, as JSON numbers (or lists)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def weight_forms_of(unit: nn.Module) -> dict[str, str]:
