@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_reference_run.sh evidence SECONDS [--method M ...]  # only these methods
 #   bash benchmarks/gpu_reference_run.sh gac-cost SECONDS     # benchmarks/gac_cost_solo.toml, alone
 #   bash benchmarks/gpu_reference_run.sh w8a8 SECONDS         # benchmarks/w8a8_selection.toml
+#   bash benchmarks/gpu_reference_run.sh gac-w4a8 SECONDS     # benchmarks/gac_vs_qdiffusion_w4a8.toml
 #   bash benchmarks/gpu_reference_run.sh fid-floor DIR        # benchmarks/fid_floor.py on DIR
 #   bash benchmarks/gpu_reference_run.sh dit SECONDS          # family smoke, paper dry run, DiT cells
 #   bash benchmarks/gpu_reference_run.sh bench-sampling SECONDS  # issue 15: paths, int8, memory
@@ -78,18 +79,19 @@ for f in sorted(pathlib.Path(sys.argv[1], "records").glob("*.json")):
 PY
     tar czf "$OUT/gac-cost-solo-records.tgz" -C "$out" records logs 2>/dev/null
     ;;
-w8a8)
+w8a8|gac-w4a8)
     # Inception weights arrive over several calls: until then FID metrics fail at once (not after
     # a download attempt) and a later call, with the weights, reruns the failed cells, which then
     # load their quantized model and samples from the store and compute the metrics only.
     [ -n "${PTQBENCH_INCEPTION_WEIGHTS:-}" ] || export PTQBENCH_INCEPTION_WEIGHTS=/tmp/no-inception-weights-yet
-    out=/tmp/ptq-results/w8a8-selection
-    timeout "$limit" ptqbench run benchmarks/w8a8_selection.toml -o "$out" --no-progress 2>&1 \
-        | quiet
+    suite=benchmarks/w8a8_selection.toml; name=w8a8-selection
+    [ "$stage" = gac-w4a8 ] && { suite=benchmarks/gac_vs_qdiffusion_w4a8.toml; name=gac-w4a8; }
+    out=/tmp/ptq-results/$name
+    timeout "$limit" ptqbench run "$suite" -o "$out" --no-progress 2>&1 | quiet
     echo "exit: ${PIPESTATUS[0]}"
     ptqbench report "$out" --format markdown -o "$out/leaderboard.md" >/dev/null 2>&1
     cat "$out/leaderboard.md" 2>/dev/null | head -20
-    tar czf "$OUT/w8a8-selection-records.tgz" -C "$out" records logs leaderboard.md 2>/dev/null
+    tar czf "$OUT/$name-records.tgz" -C "$out" records logs leaderboard.md 2>/dev/null
     ;;
 dit)
     t0=$(date +%s)
