@@ -76,6 +76,21 @@ def suite_file(folder: Path, name: str, run: str, methods: str = '["fp", "rtn"]'
     return path
 
 
+def lock_holders(folder: Path) -> str:
+    """Which processes have a lock file of ``folder`` open (Linux /proc), for failure messages."""
+    lines = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+            if target.startswith(str(folder)):
+                pid = fd.parts[2]
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                lines.append(f"pid {pid} ({'this process' if int(pid) == os.getpid() else cmd[:200]}): {target}")
+        except OSError:
+            continue
+    return "lock files open: " + ("; ".join(lines) or "none")
+
+
 def invoke(*args, env=None):
     return CliRunner().invoke(cli, [str(a) for a in args], env=env)
 
@@ -175,7 +190,8 @@ def test_killed_task_is_resubmitted_and_records_match_a_local_run(tmp_path, tiny
     while (state := states())["flaky"][0] == "running" and time.time() < deadline:
         time.sleep(0.5)
     assert state["fp"][0] == "done" and state["rtn"][0] == "done"
-    assert state["flaky"][0] == "failed" and "ended without finishing" in state["flaky"][4]
+    assert state["flaky"][0] == "failed" and "ended without finishing" in state["flaky"][4], \
+        lock_holders(out / "locks")
 
     again = invoke("run", suite, "-o", out, "--no-progress")  # resubmit: only what is missing
     assert again.exit_code == 0, again.output
