@@ -18,15 +18,16 @@ import statistics
 import sys
 from pathlib import Path
 
-from ptqbench.metrics.bootstrap import t975
+from ptqbench.metrics.significance import seed_interval
 from ptqbench.reporting.plots import learned_weights_plot
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(values)
+    """Mean and half-width of the leaderboard's across-seed interval (nan for one value)."""
     if len(values) < 2:
-        return m, float("nan")
-    return m, t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        return statistics.fmean(values), float("nan")
+    lo, hi = seed_interval(values)
+    return (lo + hi) / 2, (hi - lo) / 2
 
 
 def load_records(results: Path) -> list[dict]:
@@ -79,7 +80,8 @@ def tables(records: list[dict], fid: dict[tuple, float], baseline: str) -> str:
         for method in (baseline, "gac"):
             f = [fid.get((bits, method, s)) for s in seeds]
             m = [mse[(bits, method, s)] for s in seeds]
-            cells = [f"{'-' if a is None else fmt(a, False)} / {fmt(b, True)}" for a, b in zip(f, m)]
+            cells = [f"{'-' if a is None else fmt(a, False)} / {fmt(b, True)}"
+                     for a, b in zip(f, m)]
             fm = mean_ci([a for a in f if a is not None]) if all(a is not None for a in f) else None
             mm = mean_ci(m)
             lines.append(f"| {method} | " + " | ".join(cells) + " | "
@@ -96,8 +98,8 @@ def tables(records: list[dict], fid: dict[tuple, float], baseline: str) -> str:
         lines += ["", "| gac seed | blocks | L_GM share raw (median) | balanced (median) | "
                   "weights min-max | meta s / reconstruct s | non-finite steps |",
                   "|---|---|---|---|---|---|---|"]
-        for r in sorted((r for r in ok if r["cell"]["method"] == "gac" and r["cell"]["bits"] == bits),
-                        key=lambda r: r["cell"]["seed"]):
+        gac = [r for r in ok if r["cell"]["method"] == "gac" and r["cell"]["bits"] == bits]
+        for r in sorted(gac, key=lambda r: r["cell"]["seed"]):
             s = block_summary(r)
             lines.append(f"| {r['cell']['seed']} | {s['blocks']} | {s['gm_share_raw']:.2f} | "
                          f"{s['gm_balance']:.2f} | {s['weight_min']:.2f}-{s['weight_max']:.2f} | "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the data that device calls carry (the GPU machine sees the working tree, not ../shared):
 # folders under .carry/ (ignored by git: add "/.carry/" and "/.whl/" to .git/info/exclude), each
-# small enough to travel beside the ~16 MB repository in one call (64 MiB in all):
+# small enough to travel beside the ~18 MB repository in one call (64 MiB in all):
 #   .whl       diffusers + torch-fidelity wheels for the GPU image (Python 3.12)      ~6.5 MB
 #   .carry/g1  the CIFAR-10 stand-in DDPM + Inception weights (xz) part 1 of 3      ~41 MB
 #   .carry/g2  the CIFAR-10 train images (xz) + Inception part 2                     ~49 MB
@@ -37,6 +37,6 @@ fi
 repo=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
 for c in ".whl .carry/g1" .carry/g2 .carry/g3 .carry/dit; do
     total=$(( repo + $(du -scb $c | tail -1 | cut -f1) ))
-    printf '%-16s %5.1f MB with the repository%s\n' "$c" "$(echo "$total / 1000000" | bc -l)" \
-        "$([ "$total" -gt 67108864 ] && echo '  OVER 64 MiB')"
+    awk -v c="$c" -v t="$total" 'BEGIN { printf "%-16s %5.1f MB with the repository%s\n", c,
+        t / 1e6, (t > 67108864 ? "  OVER 64 MiB" : "") }'
 done

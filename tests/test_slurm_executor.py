@@ -85,7 +85,8 @@ def lock_holders(folder: Path) -> str:
             if target.startswith(str(folder)):
                 pid = fd.parts[2]
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                lines.append(f"pid {pid} ({'this process' if int(pid) == os.getpid() else cmd[:200]}): {target}")
+                who = "this process" if int(pid) == os.getpid() else cmd[:200]
+                lines.append(f"pid {pid} ({who}): {target}")
         except OSError:
             continue
     return "lock files open: " + ("; ".join(lines) or "none")
