@@ -89,7 +89,9 @@ def lock_holders(folder: Path) -> str:
                 lines.append(f"pid {pid} ({who}): {target}")
         except OSError:
             continue
-    return "lock files open: " + ("; ".join(lines) or "none")
+    held = sorted(h.name for h in folder.glob("*.held"))  # heartbeat-file mode (ptqbench.locks)
+    return (f"lock files open: {'; '.join(lines) or 'none'}; lock mode "
+            f"{os.environ.get('PTQBENCH_LOCKS', 'flock')}; .held files: {held or 'none'}")
 
 
 def invoke(*args, env=None):
