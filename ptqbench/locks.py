@@ -15,7 +15,11 @@ The rule (README, "Running on a cluster"):
   where flock is node-local): ``PTQBENCH_LOCKS=files`` (automatic when flock is refused) uses
   heartbeat files instead: the holder creates ``NAME.held`` exclusively and rewrites it every
   ``HEARTBEAT_S`` seconds; a waiter breaks a ``.held`` file not rewritten for ``STALE_S`` seconds
-  (its holder is dead, or its host is unreachable, which is the same to the others).
+  (its holder is dead, or its host is unreachable, which is the same to the others), and at once
+  when the file names a process of the waiter's own host and PID namespace that no longer exists
+  (a holder killed on this node: no need to wait out the heartbeat).
+  The fallback is remembered by this process only: it must not leak into the environment of the
+  processes it starts (they find out for themselves on their first lock).
 """
 from __future__ import annotations
 
@@ -36,8 +40,14 @@ POLL_S = 0.5
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
+# Set when flock was refused in this process (a filesystem without it): later locks go straight
+# to heartbeat files. A module flag, not os.environ: the environment would carry it into every
+# child process and every later test of the same interpreter.
+_flock_refused = False
+
+
 def lock_mode() -> str:
-    mode = os.environ.get("PTQBENCH_LOCKS", "flock")
+    mode = os.environ.get("PTQBENCH_LOCKS", "files" if _flock_refused else "flock")
     return mode if mode in ("flock", "files") else "flock"
 
 
@@ -48,6 +58,7 @@ def exclusive_lock(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
     Yields True when held. With ``blocking=False`` it yields False at once when another worker
     holds the lock (the body then runs without it and must not do the guarded work).
     Not re-entrant: a holder that asks again for the same path waits for itself."""
+    global _flock_refused
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     if lock_mode() == "files":
@@ -69,7 +80,7 @@ def exclusive_lock(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 raise
-            os.environ["PTQBENCH_LOCKS"] = "files"  # this filesystem has no flock: stop trying
+            _flock_refused = True  # this filesystem has no flock: stop trying
             with _heartbeat_lock(lock_path, blocking) as held:
                 yield held
             return
@@ -80,12 +91,17 @@ def exclusive_lock(lock_path: Path, blocking: bool = True) -> Iterator[bool]:
 
 
 def is_locked(lock_path: Path) -> bool:
-    """Whether some live worker holds the lock (for ``ptqbench status``; never waits)."""
+    """Whether some live worker holds the lock (for ``ptqbench status``; never waits, changes
+    nothing). A live heartbeat file counts whatever this process's mode: the workers may have run
+    with ``PTQBENCH_LOCKS=files`` while ``status`` runs without it."""
     lock_path = Path(lock_path)
-    if not lock_path.exists() and not _held_path(lock_path).exists():
+    held = _held_path(lock_path)
+    if held.exists() and _looks_alive(held):
+        return True
+    if not lock_path.exists() or lock_mode() == "files":
         return False
-    with exclusive_lock(lock_path, blocking=False) as held:
-        return not held
+    with exclusive_lock(lock_path, blocking=False) as got:
+        return not got
 
 
 # ---- heartbeat files (filesystems without a cluster-wide flock) -----------------------------
@@ -118,21 +134,62 @@ def _heartbeat_lock(lock_path: Path, blocking: bool) -> Iterator[bool]:
                 held.unlink()
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux), so that a PID is only judged in its own namespace:
+    two containers may share a host name and a filesystem but not their PIDs."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _try_create(held: Path, token: str) -> bool:
     try:
         fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as fh:
-        json.dump({"token": token, "host": socket.gethostname(), "pid": os.getpid()}, fh)
+        json.dump({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+                   "pidns": _pid_namespace()}, fh)
     return True
 
 
-def _owner(held: Path) -> str | None:
+def _holder(held: Path) -> dict:
     try:
-        return json.loads(held.read_text()).get("token")
+        info = json.loads(held.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _owner(held: Path) -> str | None:
+    return _holder(held).get("token")
+
+
+def _holder_is_dead(info: dict) -> bool:
+    """True only when the holder is known dead: a process of this host and PID namespace that no
+    longer exists. Anything else (another host, a file being written, no /proc) is left to the
+    heartbeat's staleness."""
+    pid = info.get("pid")
+    if (info.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0
+            or info.get("pidns") is None or info.get("pidns") != _pid_namespace()):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed holder whose parent has not reaped it yet still answers kill(pid, 0)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 def _beat(held: Path, token: str, stop: threading.Event) -> None:
@@ -143,12 +200,21 @@ def _beat(held: Path, token: str, stop: threading.Event) -> None:
             os.utime(held)
 
 
+def _looks_alive(held: Path) -> bool:
+    try:
+        age = time.time() - held.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age < STALE_S and not _holder_is_dead(_holder(held))
+
+
 def _break_if_stale(held: Path) -> None:
     try:
         age = time.time() - held.stat().st_mtime
     except FileNotFoundError:
         return
-    if age < STALE_S:
+    dead = _holder(held)
+    if age < STALE_S and not _holder_is_dead(dead):
         return
     # rename first: of several waiters that see the same stale file, exactly one moves it away
     grave = held.with_name(f"{held.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -156,7 +222,9 @@ def _break_if_stale(held: Path) -> None:
         os.rename(held, grave)
     except FileNotFoundError:
         return
-    if time.time() - grave.stat().st_mtime < STALE_S:
+    moved = _holder(grave)
+    fresh = time.time() - grave.stat().st_mtime < STALE_S
+    if fresh and not (moved.get("token") == dead.get("token") and _holder_is_dead(moved)):
         # another waiter broke the stale file and a live holder made a new one in between:
         # put it back unless yet another one exists (best effort; see the rule above)
         with contextlib.suppress(FileExistsError):
