@@ -75,6 +75,15 @@ def test_first_and_last_layers(unet):
     assert "first layer" in fp["conv_in"] and "last layer" in fp["conv_out"]
     q, _ = _q(unet, first_last_bits=6)
     assert q.conv_in.weight_quantizers[0].bits == 6
+    # "same": like every other layer (Q-Diffusion quantizes every conv/linear at W4A8 alike)
+    q, man = _q(unet, first_last_bits="same")
+    for name in ("conv_in", "conv_out"):
+        layer = q.get_submodule(name)
+        assert layer.weight_quantizers[0].bits == 4 and layer.act_quantizers[0].bits == 8
+    entry = {e["name"]: e for e in man["quantized_layers"]}["conv_in"]
+    assert entry["weight"]["bits"] == 4
+    with pytest.raises(PtqbenchError, match="2..8, 'fp' or 'same'"):
+        QuantRecipe.from_options(bits="W4A8", first_last_bits="model")
 
 
 @pytest.mark.parametrize("bits", ["W32A32", "W16A16", "W16A32"])

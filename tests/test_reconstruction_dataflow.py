@@ -146,7 +146,10 @@ def _scales(q):
 
 def test_an_activation_phase_that_raises_the_held_out_loss_is_undone(unet, tmp_path):
     # an absurd step-size learning rate wrecks the ranges: keep_better must restore them
+    # (act_reinit none: the step sizes the phase starts from are then the ones made before
+    # reconstruction, so "restored" can be checked against them)
     wreck = {**FAST, "iters_w": 0, "iters_a": 30, "lr_a": 0.5, "lr_a_schedule": "constant",
+             "act_reinit": "none",
              "holdout": 0.25}
     adapter, q, calib = _setup(unet)
     initial = _scales(q)
@@ -173,6 +176,7 @@ def test_an_activation_phase_that_raises_the_held_out_loss_is_undone(unet, tmp_p
 
 
 def test_act_reinit_after_weights_sets_ranges_from_the_activation_phase_inputs(unet, tmp_path):
+    assert ReconConfig().act_reinit == "after_weights"  # the references' default
     adapter, q, calib = _setup(unet)
     before = _scales(q)
     res = BRECQ(**{**FAST, "iters_a": 0, "act_reinit": "after_weights"}).reconstruct(
@@ -187,3 +191,62 @@ def test_act_reinit_after_weights_sets_ranges_from_the_activation_phase_inputs(u
     after = _scales(q)
     assert any(not torch.allclose(a, b) for a, b in zip(after, before))
     assert all(torch.isfinite(a).all() and (a > 0).all() for a in after)
+
+
+def test_lp_loss_per_sample_is_summed_over_channels_and_averaged_over_positions():
+    from ptqbench.quant.reconstruction import per_sample_loss
+    out = torch.tensor([[[[1.0, -2.0]], [[0.5, 0.0]]]])  # (1, 2 channels, 1, 2)
+    target = torch.zeros_like(out)
+    # p = 2: position 0: 1 + 0.25, position 1: 4 + 0 -> mean 2.625
+    assert per_sample_loss(out, target, "channel_sum").item() == pytest.approx(2.625)
+    # p = 2.4 (BRECQ / Q-Diffusion's step-size loss): |e|^2.4 by hand
+    lp = ((1.0 + 0.5 ** 2.4) + 2.0 ** 2.4) / 2
+    assert per_sample_loss(out, target, "channel_sum", 2.4).item() == pytest.approx(lp)
+    assert per_sample_loss(out, target, "mean", 2.4).item() == pytest.approx(
+        (1.0 + 2.0 ** 2.4 + 0.5 ** 2.4) / 4)
+
+
+def test_activation_phase_uses_its_own_loss_exponent_and_a_64_sample_reinit(unet, tmp_path,
+                                                                            monkeypatch):
+    from ptqbench.quant import reconstruction as rec
+    seen, reinit = [], []
+    real_loss, real_reinit = rec.per_sample_loss, rec._reinit_act_ranges
+    monkeypatch.setattr(rec, "per_sample_loss",
+                        lambda o, t, r, p=2.0: seen.append(p) or real_loss(o, t, r, p))
+    monkeypatch.setattr(rec, "_reinit_act_ranges",
+                        lambda runner, cache, stream, idx, recipe, seed:
+                        reinit.append(len(idx)) or real_reinit(runner, cache, stream, idx,
+                                                               recipe, seed))
+    adapter, q, calib = _setup(unet, n=96)
+    cfg = {**FAST, "iters_w": 3, "iters_a": 3, "keep_better": False, "holdout": 0.0}
+    BRECQ(**cfg, act_reinit_samples=40).reconstruct(unet, q, adapter, calib, None,
+                                                    UniformWeights(), _ctx(tmp_path))
+    assert set(seen) == {2.0, 2.4}  # weights: p = 2; activations: the default 2.4
+    assert reinit and set(reinit) == {40}
+    seen.clear(), reinit.clear()
+    adapter, q, calib = _setup(unet, n=96)
+    BRECQ(**cfg, act_loss_p=2.0, act_reinit_samples=0).reconstruct(
+        unet, q, adapter, calib, None, UniformWeights(), _ctx(tmp_path / "b"))
+    assert set(seen) == {2.0} and set(reinit) == {96}  # 0 = every training sample
+
+
+def test_reinit_indices_are_a_seeded_sorted_subset_of_the_training_samples():
+    from ptqbench.quant.reconstruction import _reinit_indices
+    train = torch.arange(0, 200, 2)
+    a, b = _reinit_indices(train, 64, 7), _reinit_indices(train, 64, 7)
+    assert torch.equal(a, b) and len(a) == 64 and len(a.unique()) == 64
+    assert torch.equal(a, a.sort().values) and set(a.tolist()) <= set(train.tolist())
+    assert not torch.equal(a, _reinit_indices(train, 64, 8))
+    assert torch.equal(_reinit_indices(train, 0, 7), train)
+    assert torch.equal(_reinit_indices(train, 500, 7), train)
+    # per-step activation parameters: n samples of every sampler step
+    step = torch.arange(200) // 20  # 10 steps, step-major
+    per = _reinit_indices(train, 4, 7, step)
+    assert len(per) == 40 and torch.bincount(step[per], minlength=10).tolist() == [4] * 10
+
+
+def test_reference_options_are_checked():
+    with pytest.raises(PtqbenchError, match="act_loss_p must be > 0"):
+        BRECQ(act_loss_p=0)
+    with pytest.raises(PtqbenchError, match="act_reinit_samples must be an integer >= 0"):
+        BRECQ(act_reinit_samples=-1)

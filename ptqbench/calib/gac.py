@@ -101,11 +101,12 @@ def loss_vector_fn(ctx: BlockContext, inputs: tuple, targets: torch.Tensor,
     """params -> per-sample loss of the quantized block on fixed inputs: the reconstruction
     loop's loss (its function and reduction)."""
     reduction = loss_reduction(ctx)
+    p = getattr(ctx, "loss_p", 2.0)  # the phase's exponent (act_loss_p in the activation phase)
 
     def f(params: Params) -> torch.Tensor:
         with step_context(steps):
             out = ctx.forward(params, inputs)
-        return per_sample_loss(out, targets.to(out.dtype), reduction)
+        return per_sample_loss(out, targets.to(out.dtype), reduction, p)
     return f
 
 

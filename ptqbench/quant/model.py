@@ -137,7 +137,7 @@ def quantize_model(fp_model: nn.Module, recipe: QuantRecipe,
                 continue
             wbits = recipe.bits.weight if recipe.weight_quantized else None
             abits = recipe.bits.activation if recipe.act_quantized else None
-            if role is not None:
+            if role is not None and recipe.first_last_bits != "same":
                 wbits = None if wbits is None else int(recipe.first_last_bits)
                 abits = None if abits is None else int(recipe.first_last_bits)
             split = splits.get(name, 0)

@@ -27,7 +27,9 @@ OPTION_DOCS = {
     "act_calib_elements": "activation values kept per quantizer (and per step) for percentile/"
                           "mse init; extrema are always exact (default 262144)",
     "first_last_bits": "bits of weights and inputs of the first (conv_in) and last (conv_out) "
-                       "layers: 2..8, or 'fp'/16/32 to keep them in full precision (default 8)",
+                       "layers: 2..8, 'fp'/16/32 to keep them in full precision, or 'same' to "
+                       "quantize them like every other layer (Q-Diffusion's code; default 8, "
+                       "BRECQ's set_first_last_layer_to_8bit)",
     "act_params": "'shared' across timesteps (default) or 'per_step': one set per sampler step "
                   "(TFMQ-DM style; needs sampler_steps)",
     "sampler_steps": "number of sampler steps, for act_params='per_step'",
@@ -187,7 +189,10 @@ def _check(name: str, v: Any) -> Any:
         if isinstance(v, str):
             if v.lower() in ("fp", "full"):
                 return "fp"
-            raise PtqbenchError(f"recipe option first_last_bits must be 2..8 or 'fp', got {v!r}")
+            if v.lower() == "same":
+                return "same"
+            raise PtqbenchError(f"recipe option first_last_bits must be 2..8, 'fp' or 'same', "
+                                f"got {v!r}")
         return _bits_opt(name, v)
     if name == "act_params":
         return _choice(name, v, ("shared", "per_step"))

@@ -10,6 +10,9 @@ decides whether reconstruction beats RTN at all: the weight phase reads the quan
 every activation quantizer off, the activation phase reads the FP model, and targets are always
 the FP model's block outputs (Q-Diffusion's scripts/sample_diffusion_ddim.py: asym=True,
 act_quant=False for weights; asym=False for activations; BRECQ's main_imagenet.py the same).
+Both references also initialise activation ranges only after the weight pass, on 64
+calibration samples, and train step sizes on an L_p loss with p = 2.4 (``act_reinit``,
+``act_reinit_samples``, ``act_loss_p``).
 """
 from __future__ import annotations
 
@@ -47,10 +50,22 @@ SOURCES = {
                    "quantized, as QDrop/EDA-DM, mixed with the FP stream by qdrop), "
                    "'weights_only', 'fp'. Targets are always the FP model's block outputs on "
                    "FP inputs",
-    "act_reinit": "re-initialise the unit's activation ranges on its activation-phase inputs "
-                  "after its weights are final: 'none' (ranges from the whole-model "
-                  "initialisation before reconstruction) or 'after_weights' (Q-Diffusion "
-                  "initialises activation ranges after the weight pass)",
+    "act_reinit": "re-initialise the unit's activation ranges (the recipe's act_init method) "
+                  "after its weights are final, before its activation phase: 'after_weights' "
+                  "(default: BRECQ's main_imagenet.py and Q-Diffusion's "
+                  "sample_diffusion_ddim.py initialise activation ranges after the weight "
+                  "pass, so the ranges see the final quantized weights) or 'none' (keep the "
+                  "whole-model initialisation made before reconstruction). Ours: the ranges "
+                  "are measured on the activation phase's own inputs (act_input), where the "
+                  "references run one forward of the whole quantized model",
+    "act_reinit_samples": "calibration samples the re-initialisation sees, drawn at random "
+                          "from the training part (default 64: BRECQ cali_data[:64], "
+                          "Q-Diffusion 64 random samples; 0 = all of them); with per-step "
+                          "activation parameters, this many of every sampler step",
+    "act_loss_p": "exponent p of the activation phase's per-sample loss |out - target|^p "
+                  "(reduced as loss_reduction; default 2.4: BRECQ --p and Q-Diffusion "
+                  "--cali_p, 'L_p norm minimization for LSQ'; the weight and joint phases "
+                  "use p = 2)",
     "holdout": "fraction of the calibration samples, stratified by sampler step, kept out of "
                "the optimisation: the block's held-out MSE before/after every phase is "
                "reported, and keep_better decides on it (default 0.05)",
@@ -112,7 +127,9 @@ class ReconConfig:
     weight_input: str = "weights_only"
     act_input: str = "fp"
     joint_input: str = "quantized"
-    act_reinit: str = "none"
+    act_reinit: str = "after_weights"
+    act_reinit_samples: int = 64
+    act_loss_p: float = 2.4
     holdout: float = 0.05
     keep_better: bool = True
     qdrop: float = 0.0
@@ -181,7 +198,7 @@ def _check(plugin: str, k: str, v: Any) -> None:
         if not isinstance(v, bool):
             _err(plugin, k, "true or false", v)
         return
-    if k in ("iters_w", "iters_a", "eval_samples"):
+    if k in ("iters_w", "iters_a", "eval_samples", "act_reinit_samples"):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             _err(plugin, k, "an integer >= 0", v)
         return
@@ -199,7 +216,7 @@ def _check(plugin: str, k: str, v: Any) -> None:
         _err(plugin, k, "> 0", v)
     if k in ("round_weight", "fbr_beta") and v < 0:
         _err(plugin, k, ">= 0", v)
-    if k in ("beta_start", "beta_end") and not v > 0:
+    if k in ("beta_start", "beta_end", "act_loss_p") and not v > 0:
         _err(plugin, k, "> 0", v)
     if k in ("warmup", "qdrop", "step_floor", "holdout") and not 0 <= v < 1:
         _err(plugin, k, "in [0, 1)", v)

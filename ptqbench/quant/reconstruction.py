@@ -44,10 +44,11 @@ STREAM_OF = {"fp": "fp", "weights_only": "qw", "quantized": "q"}
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def per_sample_loss(out: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    """(N,) loss of every sample: squared error summed over channels and averaged over the
-    other elements ('channel_sum', BRECQ's lp_loss) or averaged over all ('mean')."""
-    d = (out - target).pow(2)
+def per_sample_loss(out: torch.Tensor, target: torch.Tensor, reduction: str,
+                    p: float = 2.0) -> torch.Tensor:
+    """(N,) loss of every sample: |error|^p summed over channels and averaged over the other
+    elements ('channel_sum', BRECQ's lp_loss) or averaged over all ('mean')."""
+    d = (out - target).pow(2) if p == 2 else (out - target).abs().pow(p)
     if reduction == "channel_sum" and d.dim() > 1:
         d = d.sum(1)
     return d.reshape(d.shape[0], -1).mean(1)
@@ -180,6 +181,7 @@ class UnitRunner:
                 if isinstance(m, QuantLayer) and n in fp_mods:
                     self.fbr_pairs.append((m, fp_mods[n]))
         self._outs: dict[int, torch.Tensor] = {}
+        self.loss_p = 2.0  # exponent of the current phase's loss (act_loss_p in activations)
 
     def forward(self, params: Optional[dict], leaves, step: Optional[torch.Tensor]):
         args, kwargs = self.cache.call_args(self.b, list(leaves))
@@ -204,7 +206,7 @@ class UnitRunner:
 
     def loss(self, leaves, step, target, w, beta_t, regw_t, wquantizers, fbr_state):
         out = self.forward(None, leaves, step)
-        per = per_sample_loss(out, target, self.cfg.loss_reduction)
+        per = per_sample_loss(out, target, self.cfg.loss_reduction, self.loss_p)
         if self.fbr_pairs:
             _, q_out, fp_out = fbr_state
             args, kwargs = self.cache.call_args(self.b, list(leaves))
@@ -357,6 +359,25 @@ def _eval_mse(runner: UnitRunner, cache: BlockCache, stream: str,
     return total / max(count, 1)
 
 
+def _reinit_indices(train: torch.Tensor, n: int, seed: int,
+                    step: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``n`` training indices drawn at random (all of them for n = 0 or n >= their count),
+    sorted: the references initialise activation ranges on 64 calibration samples. With
+    ``step`` (per-step activation parameters: one range per sampler step) ``n`` per step."""
+    if n <= 0 or n >= len(train):
+        return train
+    gen = torch.Generator().manual_seed(seed)
+    train = train.cpu()
+    if step is None:
+        return torch.sort(train[torch.randperm(len(train), generator=gen)[:n]]).values
+    steps = step.cpu()[train]
+    picked = []
+    for s in torch.unique(steps).tolist():
+        members = train[steps == s]
+        picked.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    return torch.sort(torch.cat(picked)).values
+
+
 @torch.no_grad()
 def _reinit_act_ranges(runner: UnitRunner, cache: BlockCache, stream: str, idx: torch.Tensor,
                        recipe: dict, seed: int) -> None:
@@ -413,7 +434,9 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, weighting: Weighting, cf
                 for layer in runner.layers:
                     layer.clear_cache()
                 if cfg.act_reinit == "after_weights":
-                    _reinit_act_ranges(runner, calib, stream, split.train.to(calib.step.device),
+                    idx = _reinit_indices(split.train, cfg.act_reinit_samples, seed + 2000 + pi,
+                                          calib.step if runner.per_step else None)
+                    _reinit_act_ranges(runner, calib, stream, idx.to(calib.step.device),
                                        meta["recipe"], seed + 1000 + pi)
             entry["phases"].append(_run_phase(runner, caches, stream, weighting, cfg, device,
                                               phase, pw, pa, iters, seed + pi, split))
@@ -486,6 +509,7 @@ def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weigh
     scales = [q.scale for q in aqs] if act_on else []
     if not alphas and not scales:
         return {"phase": phase, "iterations": 0}
+    runner.loss_p = cfg.act_loss_p if phase == "activations" else 2.0
     names = {id(p): n for n, p in qunit.named_parameters()}
     params = {names[id(p)]: p for p in alphas + scales}
     target_all = calib.streams["fp"].outputs[runner.b]
@@ -502,6 +526,7 @@ def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weigh
         inner_lr=cfg.lr_w if alphas else cfg.lr_a, iterations=iters, batch_size=cfg.batch_size)
     ctx.phase = phase  # extra attribute: 'weights', 'activations' or 'joint'
     ctx.loss_reduction = cfg.loss_reduction  # the loss a weighting may differentiate (GAC)
+    ctx.loss_p = runner.loss_p
     loop = _Loop(runner, calib, in_stream, cfg, device, wqs, alphas, scales, iters, seed,
                  target_all, train_idx)
     graphed = loop.graphable(weighting)
@@ -530,6 +555,7 @@ def _optimize(runner: UnitRunner, caches: dict, in_stream: str, weighting: Weigh
         for q in runner.act_quantizers:
             q.enabled = True
             q.lsq_grad_scale = False
+        runner.loss_p = 2.0
         weighting.end_block(ctx)
     return {"phase": phase, "iterations": iters, "seconds": loop.seconds,
             "iters_per_s": iters / loop.seconds if loop.seconds > 0 else None,
