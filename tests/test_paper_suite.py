@@ -45,7 +45,7 @@ def test_paper_dry_run_offline_reports_local_and_downloads():
 def test_stand_in_suite_is_local_when_the_shared_data_is(shared_data):
     result = CliRunner().invoke(cli, ["run", str(SUITES / "cifar10-dit-s.toml"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "cifar10-dit-s  [local]" in result.output and "21 cells" in result.output
+    assert "cifar10-dit-s  [local]" in result.output and "27 cells" in result.output
 
 
 def test_model_overrides_are_validated(tmp_path):
