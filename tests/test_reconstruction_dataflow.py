@@ -179,10 +179,18 @@ def test_act_reinit_after_weights_sets_ranges_from_the_activation_phase_inputs(u
     assert ReconConfig().act_reinit == "after_weights"  # the references' default
     adapter, q, calib = _setup(unet)
     before = _scales(q)
-    res = BRECQ(**{**FAST, "iters_a": 0, "act_reinit": "after_weights"}).reconstruct(
+    res = BRECQ(**{**FAST, "iters_a": 0, "act_reinit": "none"}).reconstruct(
         unet, q, adapter, calib, None, UniformWeights(), _ctx(tmp_path))
-    # no activation phase ran (iters_a = 0), so nothing was re-initialised either
+    # no activation phase and no re-initialisation: the ranges made before reconstruction stay
     assert all(torch.equal(a, b) for a, b in zip(_scales(q), before))
+    adapter, q, calib = _setup(unet)
+    res = BRECQ(**{**FAST, "iters_a": 0, "act_reinit": "after_weights"}).reconstruct(
+        unet, q, adapter, calib, None, UniformWeights(), _ctx(tmp_path / "n"))
+    # no step-size phase (iters_a = 0): the ranges are still made again on the final weights,
+    # as the references initialise them whether or not they learn step sizes afterwards
+    assert any(not torch.allclose(a, b) for a, b in zip(_scales(q), before))
+    train = 32 - res["holdout_samples"]  # fewer than 64: every training sample
+    assert all(b.get("act_reinit_samples") == train for b in res["blocks"])
     adapter, q, calib = _setup(unet)
     res = BRECQ(**{**FAST, "iters_a": 1, "lr_a": 1e-12, "act_reinit": "after_weights",
                    "keep_better": False}).reconstruct(

@@ -51,7 +51,8 @@ SOURCES = {
                    "'weights_only', 'fp'. Targets are always the FP model's block outputs on "
                    "FP inputs",
     "act_reinit": "re-initialise the unit's activation ranges (the recipe's act_init method) "
-                  "after its weights are final, before its activation phase: 'after_weights' "
+                  "in sequential mode once its weights are final, before its activation phase "
+                  "(also when no step sizes are learned, iters_a = 0): 'after_weights' "
                   "(default: BRECQ's main_imagenet.py and Q-Diffusion's "
                   "sample_diffusion_ddim.py initialise activation ranges after the weight "
                   "pass, so the ranges see the final quantized weights) or 'none' (keep the "

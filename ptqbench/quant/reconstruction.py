@@ -425,21 +425,32 @@ def _reconstruct_unit(runner: UnitRunner, caches: dict, weighting: Weighting, cf
     # pass); whatever phases run, the unit ends exactly as quantized as it started (also with
     # no activation phase, and quantizers that a recipe left off stay off).
     act_enabled = [(q, q.enabled) for q in runner.act_quantizers]
+    # Sequential mode re-initialises activation ranges once the weights are final (BRECQ /
+    # Q-Diffusion), whether or not step sizes are learned afterwards.
+    reinit = (cfg.mode == "sequential" and cfg.act_reinit == "after_weights"
+              and bool(runner.act_quantizers))
+
+    def finalise_weights_and_reinit(pi: int) -> None:
+        for wq in wqs:  # sequential: weights are final before step sizes are learned
+            wq.fold()
+        for layer in runner.layers:
+            layer.clear_cache()
+        if reinit:
+            idx = _reinit_indices(split.train, cfg.act_reinit_samples, seed + 2000 + pi,
+                                  calib.step if runner.per_step else None)
+            _reinit_act_ranges(runner, calib, streams["activations"],
+                               idx.to(calib.step.device), meta["recipe"], seed + 1000 + pi)
+            entry["act_reinit_samples"] = len(idx)
+
     try:
         for pi, (phase, pw, pa, iters) in enumerate(phases):
             stream = streams[phase]
             if phase == "activations":
-                for wq in wqs:  # sequential: weights are final before step sizes are learned
-                    wq.fold()
-                for layer in runner.layers:
-                    layer.clear_cache()
-                if cfg.act_reinit == "after_weights":
-                    idx = _reinit_indices(split.train, cfg.act_reinit_samples, seed + 2000 + pi,
-                                          calib.step if runner.per_step else None)
-                    _reinit_act_ranges(runner, calib, stream, idx.to(calib.step.device),
-                                       meta["recipe"], seed + 1000 + pi)
+                finalise_weights_and_reinit(pi)
             entry["phases"].append(_run_phase(runner, caches, stream, weighting, cfg, device,
                                               phase, pw, pa, iters, seed + pi, split))
+        if reinit and not any(ph[0] == "activations" for ph in phases):
+            finalise_weights_and_reinit(len(phases))  # no step-size phase: ranges still re-made
     finally:
         for q, enabled in act_enabled:
             q.enabled = enabled
