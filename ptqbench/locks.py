@@ -200,21 +200,23 @@ def _beat(held: Path, token: str, stop: threading.Event) -> None:
             os.utime(held)
 
 
-def _looks_alive(held: Path) -> bool:
+def _abandoned(held: Path, info: dict) -> bool:
+    """The one rule for a heartbeat file nobody keeps: not rewritten for STALE_S seconds, or it
+    names a holder known dead. A file that vanished is abandoned too."""
     try:
         age = time.time() - held.stat().st_mtime
     except FileNotFoundError:
-        return False
-    return age < STALE_S and not _holder_is_dead(_holder(held))
+        return True
+    return age >= STALE_S or _holder_is_dead(info)
+
+
+def _looks_alive(held: Path) -> bool:
+    return not _abandoned(held, _holder(held))
 
 
 def _break_if_stale(held: Path) -> None:
-    try:
-        age = time.time() - held.stat().st_mtime
-    except FileNotFoundError:
-        return
     dead = _holder(held)
-    if age < STALE_S and not _holder_is_dead(dead):
+    if not _abandoned(held, dead):
         return
     # rename first: of several waiters that see the same stale file, exactly one moves it away
     grave = held.with_name(f"{held.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -223,8 +225,7 @@ def _break_if_stale(held: Path) -> None:
     except FileNotFoundError:
         return
     moved = _holder(grave)
-    fresh = time.time() - grave.stat().st_mtime < STALE_S
-    if fresh and not (moved.get("token") == dead.get("token") and _holder_is_dead(moved)):
+    if not (moved.get("token") == dead.get("token") and _abandoned(grave, moved)):
         # another waiter broke the stale file and a live holder made a new one in between:
         # put it back unless yet another one exists (best effort; see the rule above)
         with contextlib.suppress(FileExistsError):
